@@ -1,0 +1,127 @@
+//! The one-shot commands: `check`, `dry-run`, `test` and `replay`. Each returns the process exit
+//! code and prints for a person (problems as `path:line:column: message`).
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::config::{Config, VerdictFailure};
+use crate::event::{CallbackQuery, CommandKind, Event};
+use crate::ingress::answer;
+use crate::rules::Rules;
+
+/// Builds the rule engine the way the server does, for commands that run rules.
+pub fn rules_for(config: &Config) -> Rules {
+    Rules::new(&config.rules, config.destinations.keys().cloned().collect())
+}
+
+/// `imrelay check`: every config and rule problem, one per line; 1 if there is any.
+pub fn check(config: &Config) -> i32 {
+    let rules = rules_for(config);
+    let problems = rules.check();
+    for p in &problems {
+        println!("{p}");
+    }
+    if problems.is_empty() {
+        println!(
+            "ok: configuration and {} rule(s) in {}",
+            rules.current().rules.len(),
+            config.rules.dir.display()
+        );
+        0
+    } else {
+        1
+    }
+}
+
+/// `imrelay dry-run`: runs the rules on one payload and prints what each rule did, one JSON
+/// object per line, then the answer imrelay would give. Sends nothing.
+pub fn dry_run(config: &Config, command: &str, payload: &Path) -> i32 {
+    let body = match std::fs::read(payload) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", payload.display());
+            return 1;
+        }
+    };
+    let query = CallbackQuery {
+        sdk_app_id: config.tencent.sdk_app_ids.first().copied(),
+        command: Some(command.to_string()),
+        client_ip: String::new(),
+        platform: String::new(),
+    };
+    let event = match Event::from_callback(&query, &body, &config.tencent.bot_accounts) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("{}: {e}", payload.display());
+            return 1;
+        }
+    };
+    let rules = rules_for(config);
+    let set = rules.current();
+    for p in &set.problems {
+        eprintln!("{p}");
+    }
+    if event.from_bot && config.rules.skip_bot_messages {
+        println!(
+            "{}",
+            json!({"skipped": "from a bot account (rules.skip_bot_messages)"})
+        );
+        return 0;
+    }
+    let evaluation = rules.evaluate(&set, &event, true);
+    for report in &evaluation.reports {
+        println!("{}", serde_json::to_string(report).unwrap_or_default());
+    }
+    let kind = CommandKind::of(&event.command);
+    let result = match kind {
+        CommandKind::After => answer::ok(),
+        _ => {
+            let action = answer::decide(&evaluation, config.rules.on_verdict_failure, kind);
+            let mut event = event.clone();
+            if let Some(elements) = evaluation.rewrite_elements.clone() {
+                event.set_elements(elements);
+            }
+            if let Some(data) = &evaluation.rewrite_custom_data {
+                event.custom_data = data.clone();
+            }
+            answer::verdict(&event, kind, &action, &evaluation)
+        }
+    };
+    let on_failure = match config.rules.on_verdict_failure {
+        VerdictFailure::Allow => "allow",
+        VerdictFailure::Reject => "reject",
+    };
+    println!(
+        "{}",
+        json!({"answer": result, "forwards": evaluation.forwards.len(), "failed": evaluation.failed, "on_verdict_failure": on_failure})
+    );
+    i32::from(!set.problems.is_empty())
+}
+
+/// `imrelay replay`: moves dead letters back into the queue.
+pub fn replay(config: &Config, destination: Option<&str>) -> i32 {
+    match crate::outbox::replay(&config.storage.dir, destination) {
+        Ok(n) => {
+            println!(
+                "moved {n} dead-lettered deliver{} back into the queue{}",
+                if n == 1 { "y" } else { "ies" },
+                destination
+                    .map(|d| format!(" for `{d}`"))
+                    .unwrap_or_default()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("replay: {e}");
+            1
+        }
+    }
+}
+
+/// `imrelay test`: runs the rule tests kept beside the rules.
+pub fn test(config: &Config) -> i32 {
+    let _ = config;
+    eprintln!("rule tests are not implemented yet");
+    1
+}

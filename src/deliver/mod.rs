@@ -1,0 +1,460 @@
+//! Delivery: one lane (a task) per destination, each with its own schedule, concurrency limit
+//! and rate limit, so a slow or dead destination only ever delays itself.
+//!
+//! Lanes hold only small descriptors ([`Queued`]); the body is read from the outbox when an
+//! attempt starts. Every outcome goes back to the outbox writer, so the schedule on disk is
+//! always the truth and a restart resumes it.
+
+pub mod format;
+pub mod policy;
+pub mod sign;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::config::{DestinationConfig, Format, StorageConfig, STDOUT_DESTINATION};
+use crate::outbox::{now_ms, Attempt, Outbox, Queued, Row};
+use policy::{Backoff, Outcome};
+
+pub const USER_AGENT: &str = concat!("imrelay/", env!("CARGO_PKG_VERSION"));
+
+/// Why a callback's deliveries cannot be accepted now.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("the queue for destination `{0}` is full")]
+    QueueFull(String),
+    #[error("no destination named `{0}`")]
+    Unknown(String),
+}
+
+/// The handle ingress and the server use: admits, schedules and shuts down lanes.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: reqwest::Client,
+    outbox: Outbox,
+    destinations: BTreeMap<String, DestinationConfig>,
+    storage: StorageConfig,
+    lanes: Mutex<HashMap<String, Lane>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    stop: watch::Sender<bool>,
+    grace: Duration,
+}
+
+#[derive(Clone)]
+struct Lane {
+    jobs: mpsc::UnboundedSender<Queued>,
+    queued_bytes: Arc<AtomicU64>,
+    cap: u64,
+}
+
+impl Dispatcher {
+    pub fn new(
+        outbox: Outbox,
+        destinations: BTreeMap<String, DestinationConfig>,
+        storage: StorageConfig,
+        grace: Duration,
+    ) -> Dispatcher {
+        let client = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()
+            .expect("the HTTP client builds with static settings");
+        Dispatcher {
+            inner: Arc::new(Inner {
+                client,
+                outbox,
+                destinations,
+                storage,
+                lanes: Mutex::new(HashMap::new()),
+                tasks: Mutex::new(Vec::new()),
+                stop: watch::channel(false).0,
+                grace,
+            }),
+        }
+    }
+
+    /// The settings for a destination a rule named, if it can exist.
+    pub fn destination(&self, name: &str) -> Option<DestinationConfig> {
+        if let Some(d) = self.inner.destinations.get(name) {
+            return Some(d.clone());
+        }
+        if name == STDOUT_DESTINATION {
+            let mut d = DestinationConfig::for_url(
+                reqwest::Url::parse("stdout:").expect("static URL"),
+                &self.inner.storage,
+            );
+            d.name = STDOUT_DESTINATION.into();
+            return Some(d);
+        }
+        let url = reqwest::Url::parse(name).ok()?;
+        matches!(url.scheme(), "http" | "https")
+            .then(|| DestinationConfig::for_url(url, &self.inner.storage))
+    }
+
+    /// Refuses when any of these destinations has a full queue.
+    pub fn admit<'a>(
+        &self,
+        destinations: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), AdmitError> {
+        for name in destinations {
+            let lane = self
+                .lane(name)
+                .ok_or_else(|| AdmitError::Unknown(name.into()))?;
+            if lane.queued_bytes.load(Ordering::Relaxed) >= lane.cap {
+                metrics::counter!("imrelay_queue_full_total", "destination" => name.to_string())
+                    .increment(1);
+                tracing::warn!(destination = name, "queue full: callback refused with 503");
+                return Err(AdmitError::QueueFull(name.into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands stored deliveries to their lanes.
+    pub fn schedule(&self, queued: Vec<(String, Queued)>) {
+        for (name, q) in queued {
+            match self.lane(&name) {
+                Some(lane) => {
+                    lane.queued_bytes.fetch_add(q.size, Ordering::Relaxed);
+                    let _ = lane.jobs.send(q);
+                }
+                None => {
+                    // Stored for a destination that is no longer configured: park it where
+                    // `imrelay replay` can bring it back once it is.
+                    self.inner.outbox.dead_letter(
+                        q.seq,
+                        Attempt {
+                            at_ms: now_ms(),
+                            status: 0,
+                            error: format!("destination `{name}` is not configured"),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn lane(&self, name: &str) -> Option<Lane> {
+        let mut lanes = self.inner.lanes.lock().expect("lanes lock");
+        if let Some(lane) = lanes.get(name) {
+            return Some(lane.clone());
+        }
+        let config = self.destination(name)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let lane = Lane {
+            jobs: tx,
+            queued_bytes: Arc::new(AtomicU64::new(0)),
+            cap: config.max_queue_bytes,
+        };
+        let worker = Worker {
+            inner: self.inner.clone(),
+            backoff: Backoff::new(config.backoff_base, config.backoff_max).unwrap_or_else(|_| {
+                Backoff::new(Duration::from_millis(500), Duration::from_secs(600))
+                    .expect("static backoff")
+            }),
+            bucket: config.rate_per_minute.map(TokenBucket::per_minute),
+            config,
+            queued_bytes: lane.queued_bytes.clone(),
+        };
+        let handle = tokio::spawn(worker.run(rx, self.inner.stop.subscribe()));
+        self.inner.tasks.lock().expect("tasks lock").push(handle);
+        lanes.insert(name.to_string(), lane.clone());
+        Some(lane)
+    }
+
+    /// Stops starting attempts, lets in-flight ones finish within the grace period, and waits
+    /// for the outbox to commit their outcomes. What is left goes out after the next start.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().expect("tasks lock"));
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.inner.outbox.flush().await;
+    }
+
+    /// Bytes waiting per destination, for readiness and metrics.
+    pub fn queued_bytes(&self) -> BTreeMap<String, u64> {
+        let lanes = self.inner.lanes.lock().expect("lanes lock");
+        lanes
+            .iter()
+            .map(|(k, l)| (k.clone(), l.queued_bytes.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// One destination's schedule and in-flight attempts.
+struct Worker {
+    inner: Arc<Inner>,
+    config: DestinationConfig,
+    backoff: Backoff,
+    bucket: Option<TokenBucket>,
+    queued_bytes: Arc<AtomicU64>,
+}
+
+/// Due order: earliest first, then oldest.
+type Due = Reverse<(u64, u64, u32, u64)>;
+
+impl Worker {
+    async fn run(
+        mut self,
+        mut jobs: mpsc::UnboundedReceiver<Queued>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut heap: BinaryHeap<Due> = BinaryHeap::new();
+        let mut in_flight: JoinSet<(Queued, Outcome, Duration)> = JoinSet::new();
+        let depth =
+            metrics::gauge!("imrelay_queue_depth", "destination" => self.config.name.clone());
+        loop {
+            depth.set((heap.len() + in_flight.len()) as f64);
+            let now = now_ms();
+            // Start whatever is due, within the concurrency and rate limits.
+            let mut wait_ms: Option<u64> = None;
+            while in_flight.len() < self.config.concurrency {
+                let Some(Reverse((due, _, _, _))) = heap.peek().copied() else {
+                    break;
+                };
+                if due > now {
+                    wait_ms = Some(due - now);
+                    break;
+                }
+                if let Some(bucket) = &mut self.bucket {
+                    if let Err(wait) = bucket.take() {
+                        wait_ms = Some(wait.as_millis() as u64 + 1);
+                        break;
+                    }
+                }
+                let Reverse((_, seq, attempts, size)) = heap.pop().expect("peeked");
+                let job = Queued {
+                    seq,
+                    attempts,
+                    next_attempt_ms: due,
+                    size,
+                };
+                let inner = self.inner.clone();
+                let config = self.config.clone();
+                in_flight.spawn(async move {
+                    let started = Instant::now();
+                    let outcome = attempt(&inner, &config, seq).await;
+                    (job, outcome, started.elapsed())
+                });
+            }
+            let sleep = tokio::time::sleep(Duration::from_millis(wait_ms.unwrap_or(3_600_000)));
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Ok((job, outcome, took)) = done {
+                        if let Some(again) = self.settle(job, outcome, took) {
+                            heap.push(again);
+                        }
+                    }
+                }
+                Some(job) = jobs.recv() => {
+                    heap.push(Reverse((job.next_attempt_ms, job.seq, job.attempts, job.size)));
+                }
+                _ = sleep, if wait_ms.is_some() => {}
+            }
+        }
+        // Shutting down: give in-flight attempts the grace period, then leave the rest on disk.
+        let deadline = tokio::time::Instant::now() + self.inner.grace;
+        while !in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, in_flight.join_next()).await {
+                Ok(Some(Ok((job, outcome, took)))) => {
+                    self.settle(job, outcome, took);
+                }
+                Ok(Some(Err(_))) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(destination = %self.config.name, left = in_flight.len(), "shutdown grace over; unfinished deliveries will be retried after restart");
+                    in_flight.abort_all();
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Records an attempt's outcome; returns the job again when it is to be retried.
+    fn settle(&mut self, job: Queued, outcome: Outcome, took: Duration) -> Option<Due> {
+        let name = &self.config.name;
+        metrics::histogram!("imrelay_delivery_duration_seconds", "destination" => name.clone())
+            .record(took.as_secs_f64());
+        let outbox = &self.inner.outbox;
+        let (status, error, retry_after) = match outcome {
+            Outcome::Delivered => {
+                outbox.done(job.seq);
+                self.queued_bytes.fetch_sub(job.size, Ordering::Relaxed);
+                count(name, "delivered");
+                return None;
+            }
+            Outcome::Retry {
+                status,
+                error,
+                after,
+            } => (status, error, Some(after)),
+            Outcome::Fatal { status, error } => (status, error, None),
+        };
+        let attempt = Attempt {
+            at_ms: now_ms(),
+            status,
+            error,
+        };
+        let attempts = job.attempts + 1;
+        match retry_after {
+            Some(after) if attempts < self.config.max_attempts => {
+                let next = now_ms() + self.backoff.delay(job.attempts, after).as_millis() as u64;
+                tracing::debug!(destination = %name, seq = job.seq, attempts, error = %attempt.error, "delivery failed; will retry");
+                outbox.retry(job.seq, attempt, next);
+                count(name, "retry");
+                Some(Reverse((next, job.seq, attempts, job.size)))
+            }
+            _ => {
+                tracing::warn!(destination = %name, seq = job.seq, attempts, error = %attempt.error, "delivery dead-lettered");
+                outbox.dead_letter(job.seq, attempt);
+                self.queued_bytes.fetch_sub(job.size, Ordering::Relaxed);
+                count(name, "dead");
+                None
+            }
+        }
+    }
+}
+
+fn count(destination: &str, outcome: &'static str) {
+    metrics::counter!("imrelay_deliveries_total", "destination" => destination.to_string(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// One attempt: read the stored delivery, send it, classify the answer.
+async fn attempt(inner: &Inner, config: &DestinationConfig, seq: u64) -> Outcome {
+    let row = match inner.outbox.load(seq) {
+        Ok(Some(row)) => row,
+        // Already settled (for example by a replay race): nothing to send.
+        Ok(None) => return Outcome::Delivered,
+        Err(e) => {
+            return Outcome::Retry {
+                status: 0,
+                error: e.to_string(),
+                after: None,
+            }
+        }
+    };
+    if config.name == STDOUT_DESTINATION {
+        return print_stdout(&row);
+    }
+    let timestamp = now_ms() / 1000;
+    let mut url = config.url.clone();
+    let mut body = row.body;
+    if let Some(secret) = &config.secret {
+        match config.format {
+            Format::DingTalk => {
+                let ts = now_ms();
+                url.query_pairs_mut()
+                    .append_pair("timestamp", &ts.to_string())
+                    .append_pair("sign", &sign::dingtalk(secret, ts));
+            }
+            Format::Lark => body = format::sign_lark_body(&body, secret, timestamp),
+            _ => {}
+        }
+    }
+    let mut request = inner
+        .client
+        .post(url)
+        .timeout(config.timeout)
+        .header("content-type", row.content_type.as_str())
+        .header("webhook-id", row.webhook_id.as_str())
+        .header("webhook-timestamp", timestamp.to_string());
+    if let Some(secret) = &config.secret {
+        request = request.header(
+            "webhook-signature",
+            sign::standard_webhooks(secret, &row.webhook_id, timestamp, &body),
+        );
+    }
+    for (k, v) in &config.headers {
+        request = request.header(k.as_str(), v.as_str());
+    }
+    match request.body(body).send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            // Read (and bound) the body so the connection goes back to the pool.
+            let _ = tokio::time::timeout(Duration::from_secs(1), response.bytes()).await;
+            policy::classify(status, retry_after.as_deref())
+        }
+        Err(e) => Outcome::Retry {
+            status: 0,
+            error: if e.is_timeout() {
+                format!("timed out after {} ms", config.timeout.as_millis())
+            } else {
+                format!("{e}")
+            },
+            after: None,
+        },
+    }
+}
+
+fn print_stdout(row: &Row) -> Outcome {
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_all(&row.body)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => Outcome::Delivered,
+        Err(e) => Outcome::Retry {
+            status: 0,
+            error: format!("stdout: {e}"),
+            after: None,
+        },
+    }
+}
+
+/// A token bucket: `burst` deliveries at once, refilled at the platform's rate.
+struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    per_sec: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn per_minute(rate: u32) -> TokenBucket {
+        let burst = (rate as f64 / 12.0).floor().max(1.0);
+        TokenBucket {
+            tokens: burst,
+            burst,
+            per_sec: rate as f64 / 60.0,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_sec)
+            .min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! What imrelay answers Tencent: the common `{"ActionStatus","ErrorInfo","ErrorCode"}` shape, and
+//! for before-events the rules' verdict in the form each command documents (PROTOCOL.md §4–5).
+
+use serde_json::{json, Map, Value};
+
+use crate::config::VerdictFailure;
+use crate::event::{CommandKind, Event};
+use crate::rules::{Action, Evaluation};
+
+/// `{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}`.
+pub fn ok() -> Value {
+    json!({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})
+}
+
+/// A refusal in Tencent's shape; the HTTP status doubles as the error code.
+pub fn fail(status: u16, info: &str) -> Value {
+    json!({"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": status})
+}
+
+/// The final decision on a before-event after failure handling.
+pub fn decide(evaluation: &Evaluation, on_failure: VerdictFailure, kind: CommandKind) -> Action {
+    match &evaluation.action {
+        Some(a @ (Action::Reject { .. } | Action::Discard)) => a.clone(),
+        _ if evaluation.failed && on_failure == VerdictFailure::Reject => Action::Reject {
+            code: match kind {
+                CommandKind::FriendCheck => 38000,
+                _ => 1,
+            },
+            info: String::new(),
+        },
+        _ => Action::Allow,
+    }
+}
+
+/// The answer body for a before-event (`Before` or `FriendCheck`).
+pub fn verdict(
+    event: &Event,
+    kind: CommandKind,
+    action: &Action,
+    evaluation: &Evaluation,
+) -> Value {
+    if kind == CommandKind::FriendCheck {
+        return friend_results(event, action, &evaluation.refused_members);
+    }
+    let mut m = Map::new();
+    m.insert("ActionStatus".into(), "OK".into());
+    let (code, info) = match action {
+        Action::Allow => (0, String::new()),
+        Action::Reject { code, info } => (*code, info.clone()),
+        Action::Discard => (2, String::new()),
+    };
+    m.insert("ErrorInfo".into(), info.into());
+    m.insert("ErrorCode".into(), code.into());
+    if *action == Action::Allow {
+        if evaluation.rewrite_elements.is_some() {
+            m.insert("MsgBody".into(), event.msg_body());
+        }
+        if evaluation.rewrite_custom_data.is_some() {
+            m.insert("CloudCustomData".into(), event.custom_data.clone().into());
+        }
+        if !evaluation.refused_members.is_empty() {
+            m.insert(
+                "RefusedMembers_Account".into(),
+                evaluation.refused_members.clone().into(),
+            );
+        }
+    }
+    Value::Object(m)
+}
+
+/// `Sns.CallbackPrev*`: one `ResultItem` per friend in the request. `reject` refuses every one;
+/// `refuse_members` refuses the accounts it names.
+fn friend_results(event: &Event, action: &Action, refused: &[String]) -> Value {
+    let list = event
+        .payload
+        .get("FriendItem")
+        .or_else(|| event.payload.get("ResponseFriendItem"))
+        .and_then(Value::as_array);
+    let items: Vec<Value> = list
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.get("To_Account").and_then(Value::as_str))
+        .map(|account| {
+            let (code, info) = match action {
+                Action::Reject { code, info } => (*code, info.as_str()),
+                Action::Discard => (38000, ""),
+                Action::Allow if refused.iter().any(|r| r == account) => (38000, ""),
+                Action::Allow => (0, ""),
+            };
+            json!({"To_Account": account, "ResultCode": code, "ResultInfo": info})
+        })
+        .collect();
+    json!({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0, "ResultItem": items})
+}

@@ -1,0 +1,233 @@
+//! The callback path: verify → normalize → rules → durably queue → answer.
+//!
+//! Nothing on this path waits on a destination. The only wait is the outbox commit, and only
+//! for callbacks whose rules forwarded something; it is shared with concurrent callbacks
+//! (group commit).
+
+pub mod answer;
+pub mod verify;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::Value;
+use warp::http::{Response, StatusCode};
+use warp::hyper::body::Bytes as HyperBytes;
+use warp::{Filter, Rejection};
+
+use crate::config::Config;
+use crate::deliver::{format, Dispatcher};
+use crate::event::{CommandKind, Event};
+use crate::outbox::{Enqueued, NewDelivery, Outbox};
+use crate::rules::{action_json, Evaluation, Rules};
+use verify::Query;
+
+/// Everything the callback path needs, shared by every request.
+pub struct App {
+    pub config: Config,
+    pub rules: Arc<Rules>,
+    pub outbox: Outbox,
+    pub dispatcher: Dispatcher,
+}
+
+impl App {
+    pub fn new(config: Config, rules: Arc<Rules>, outbox: Outbox, dispatcher: Dispatcher) -> App {
+        App {
+            config,
+            rules,
+            outbox,
+            dispatcher,
+        }
+    }
+}
+
+/// The callback route: `POST {server.path}` with any query string.
+pub fn routes(
+    app: Arc<App>,
+) -> impl Filter<Extract = (Response<HyperBytes>,), Error = Rejection> + Clone {
+    let path = app.config.server.path.clone();
+    let limit = app.config.server.max_body_bytes;
+    let with_app = warp::any().map(move || app.clone());
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    warp::post()
+        .and(warp::path::full())
+        .and_then(move |full: warp::path::FullPath| {
+            let matches =
+                full.as_str() == path || full.as_str().strip_suffix('/') == Some(path.as_str());
+            async move {
+                if matches {
+                    Ok(())
+                } else {
+                    Err(warp::reject::not_found())
+                }
+            }
+        })
+        .untuple_one()
+        .and(query)
+        .and(warp::body::content_length_limit(limit))
+        .and(warp::body::bytes())
+        .and(with_app)
+        .and_then(|query: String, body: Bytes, app: Arc<App>| async move {
+            Ok::<_, Infallible>(handle(&app, &query, body).await)
+        })
+}
+
+/// A JSON answer with the given status.
+pub fn json_response(status: u16, body: &Value) -> Response<HyperBytes> {
+    let bytes = serde_json::to_vec(body).expect("a JSON value always serializes");
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json")
+        .body(HyperBytes::from(bytes))
+        .expect("static response parts are valid")
+}
+
+async fn handle(app: &App, raw_query: &str, body: Bytes) -> Response<HyperBytes> {
+    let started = Instant::now();
+    let (status, answer, command) = process(app, raw_query, &body).await;
+    let outcome = match status {
+        200 => "ok",
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        503 => "unavailable",
+        _ => "error",
+    };
+    metrics::counter!("imrelay_callbacks_total", "command" => command, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("imrelay_callback_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    json_response(status, &answer)
+}
+
+/// Bounds the `command` metric label: only well-formed command names are kept.
+fn command_label(command: &str) -> String {
+    let plausible = command.len() <= 64
+        && command.contains('.')
+        && command
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_');
+    if plausible {
+        command.to_string()
+    } else {
+        "invalid".into()
+    }
+}
+
+async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, String) {
+    let query = Query::parse(raw_query);
+    if let Err(refusal) = verify::verify(&query, &app.config.tencent) {
+        let label = command_label(query.callback.command.as_deref().unwrap_or(""));
+        tracing::info!(status = refusal.status(), reason = %refusal, "callback refused");
+        return (
+            refusal.status(),
+            answer::fail(refusal.status(), &refusal.to_string()),
+            label,
+        );
+    }
+    let mut event =
+        match Event::from_callback(&query.callback, body, &app.config.tencent.bot_accounts) {
+            Ok(e) => e,
+            Err(e) => {
+                let label = command_label(query.callback.command.as_deref().unwrap_or(""));
+                tracing::info!(reason = %e, "callback refused");
+                return (400, answer::fail(400, &e.to_string()), label);
+            }
+        };
+    let label = command_label(&event.command);
+    let kind = CommandKind::of(&event.command);
+
+    let evaluation = if event.from_bot && app.config.rules.skip_bot_messages {
+        Evaluation::default()
+    } else {
+        let set = app.rules.current();
+        app.rules.evaluate(&set, &event, false)
+    };
+
+    let answer = match kind {
+        CommandKind::After => answer::ok(),
+        _ => {
+            let action = answer::decide(&evaluation, app.config.rules.on_verdict_failure, kind);
+            if action == crate::rules::Action::Allow {
+                if let Some(elements) = evaluation.rewrite_elements.clone() {
+                    event.set_elements(elements);
+                }
+                if let Some(data) = &evaluation.rewrite_custom_data {
+                    event.custom_data = data.clone();
+                }
+            }
+            let answer = answer::verdict(&event, kind, &action, &evaluation);
+            event.verdict = Some(action_json(&action));
+            answer
+        }
+    };
+
+    if !evaluation.forwards.is_empty() {
+        if let Err(status_and_answer) = queue(app, &event, &evaluation).await {
+            let (status, answer) = status_and_answer;
+            return (status, answer, label);
+        }
+    }
+    (200, answer, label)
+}
+
+/// Renders and stores every forward of this event, then hands them to their lanes.
+async fn queue(app: &App, event: &Event, evaluation: &Evaluation) -> Result<(), (u16, Value)> {
+    let unavailable = |info: String| (503, answer::fail(503, &info));
+    let mut event_json: Option<Vec<u8>> = None;
+    let mut deliveries = Vec::with_capacity(evaluation.forwards.len());
+    for (i, f) in evaluation.forwards.iter().enumerate() {
+        let Some(dest) = app.dispatcher.destination(&f.destination) else {
+            tracing::warn!(rule = %f.rule, destination = %f.destination, "forward to an unknown destination ignored");
+            continue;
+        };
+        let event_json = event_json
+            .get_or_insert_with(|| serde_json::to_vec(event).expect("an event always serializes"));
+        let (body, content_type) = format::render(dest.format, event, event_json, f.body.as_ref());
+        deliveries.push(NewDelivery {
+            destination: f.destination.clone(),
+            webhook_id: format!("msg_{}_{i}", event.id),
+            content_type,
+            body,
+        });
+    }
+    if deliveries.is_empty() {
+        return Ok(());
+    }
+    app.dispatcher
+        .admit(deliveries.iter().map(|d| d.destination.as_str()))
+        .map_err(|e| unavailable(e.to_string()))?;
+    match app.outbox.enqueue(event.id.clone(), deliveries).await {
+        Ok(Enqueued::Stored(queued)) => {
+            app.dispatcher.schedule(queued);
+            Ok(())
+        }
+        Ok(Enqueued::Duplicate) => {
+            tracing::debug!(event = %event.id, "duplicate callback: already queued");
+            metrics::counter!("imrelay_duplicates_total").increment(1);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "callback not stored; answered 503");
+            Err(unavailable(format!("not stored: {e}")))
+        }
+    }
+}
+
+/// Turns warp's own rejections (body too large, wrong method or path) into Tencent's shape.
+pub async fn recover(rejection: Rejection) -> Result<Response<HyperBytes>, Infallible> {
+    let (status, info) = if rejection.is_not_found() {
+        (404, "not found".to_string())
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (413, "body too large".to_string())
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        (411, "Content-Length required".to_string())
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (405, "method not allowed".to_string())
+    } else {
+        (400, format!("{rejection:?}"))
+    };
+    Ok(json_response(status, &answer::fail(status, &info)))
+}

@@ -1,0 +1,134 @@
+//! One stored delivery: a small JSON header (where, which id, how it went so far) followed by the
+//! body bytes as they are, so a body is never escaped into or parsed out of JSON.
+
+use serde::{Deserialize, Serialize};
+
+use super::{NewDelivery, StoreError};
+
+/// How many past attempts a row keeps; older ones are dropped first.
+const HISTORY: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// When it ended, Unix milliseconds.
+    pub at_ms: u64,
+    /// HTTP status, or 0 when no answer came (connection error, timeout).
+    pub status: u16,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Header {
+    destination: String,
+    webhook_id: String,
+    content_type: String,
+    created_ms: u64,
+    attempts: u32,
+    next_attempt_ms: u64,
+    history: Vec<Attempt>,
+}
+
+/// A stored delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub destination: String,
+    pub webhook_id: String,
+    pub content_type: String,
+    pub created_ms: u64,
+    pub attempts: u32,
+    pub next_attempt_ms: u64,
+    pub history: Vec<Attempt>,
+    pub body: Vec<u8>,
+}
+
+impl Row {
+    pub fn new(d: &NewDelivery, now_ms: u64) -> Row {
+        Row {
+            destination: d.destination.clone(),
+            webhook_id: d.webhook_id.clone(),
+            content_type: d.content_type.to_string(),
+            created_ms: now_ms,
+            attempts: 0,
+            next_attempt_ms: 0,
+            history: Vec::new(),
+            body: d.body.clone(),
+        }
+    }
+
+    /// Adds a finished attempt to the count and the history.
+    pub fn record(&mut self, attempt: Attempt) {
+        self.attempts += 1;
+        if self.history.len() >= HISTORY {
+            self.history.remove(0);
+        }
+        self.history.push(attempt);
+    }
+
+    pub fn last_error(&self) -> Option<&Attempt> {
+        self.history.last()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let header = serde_json::to_vec(&Header {
+            destination: self.destination.clone(),
+            webhook_id: self.webhook_id.clone(),
+            content_type: self.content_type.clone(),
+            created_ms: self.created_ms,
+            attempts: self.attempts,
+            next_attempt_ms: self.next_attempt_ms,
+            history: self.history.clone(),
+        })
+        .expect("a header always serializes");
+        let mut out = Vec::with_capacity(4 + header.len() + self.body.len());
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Row, StoreError> {
+        let corrupt = || StoreError::Storage("a stored delivery is unreadable".into());
+        let len_bytes: [u8; 4] = bytes
+            .get(..4)
+            .ok_or_else(corrupt)?
+            .try_into()
+            .map_err(|_| corrupt())?;
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        let header = bytes.get(4..4 + len).ok_or_else(corrupt)?;
+        let h: Header = serde_json::from_slice(header).map_err(|_| corrupt())?;
+        Ok(Row {
+            destination: h.destination,
+            webhook_id: h.webhook_id,
+            content_type: h.content_type,
+            created_ms: h.created_ms,
+            attempts: h.attempts,
+            next_attempt_ms: h.next_attempt_ms,
+            history: h.history,
+            body: bytes[4 + len..].to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_body_bytes() {
+        let d = NewDelivery {
+            destination: "a".into(),
+            webhook_id: "id-0".into(),
+            content_type: "application/json",
+            body: b"{\"x\":\"\\u00e9\"}\n".to_vec(),
+        };
+        let mut row = Row::new(&d, 5);
+        row.record(Attempt {
+            at_ms: 6,
+            status: 500,
+            error: "boom".into(),
+        });
+        let back = Row::decode(&row.encode()).unwrap();
+        assert_eq!(back, row);
+        assert!(Row::decode(b"\xff\xff").is_err());
+    }
+}

@@ -51,6 +51,9 @@ pub fn routes(
     let limit = app.config.server.max_body_bytes;
     let with_app = warp::any().map(move || app.clone());
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    let body = warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .and_then(move |length: Option<u64>, body| read_body(length, body, limit));
     warp::post()
         .and(warp::path::full())
         .and_then(move |full: warp::path::FullPath| {
@@ -66,12 +69,48 @@ pub fn routes(
         })
         .untuple_one()
         .and(query)
-        .and(warp::body::content_length_limit(limit))
-        .and(warp::body::bytes())
+        .and(body)
         .and(with_app)
         .and_then(|query: String, body: Bytes, app: Arc<App>| async move {
             Ok::<_, Infallible>(handle(&app, &query, body).await)
         })
+}
+
+/// The body was larger than `server.max_body_bytes`.
+#[derive(Debug)]
+struct TooLarge;
+impl warp::reject::Reject for TooLarge {}
+
+#[derive(Debug)]
+struct BodyUnreadable;
+impl warp::reject::Reject for BodyUnreadable {}
+
+/// Reads the body up to `limit` bytes: refused early by its Content-Length, or as soon as a
+/// chunked body passes the limit, so an oversized body is never held in memory.
+async fn read_body<S, B>(length: Option<u64>, body: S, limit: u64) -> Result<Bytes, Rejection>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    use futures_util::StreamExt;
+    if length.is_some_and(|n| n > limit) {
+        return Err(warp::reject::custom(TooLarge));
+    }
+    let mut out = bytes::BytesMut::with_capacity(length.unwrap_or(0) as usize);
+    let mut body = std::pin::pin!(body);
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|_| warp::reject::custom(BodyUnreadable))?;
+        if (out.len() + chunk.remaining()) as u64 > limit {
+            return Err(warp::reject::custom(TooLarge));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            out.extend_from_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(out.freeze())
 }
 
 /// A JSON answer with the given status.
@@ -220,10 +259,10 @@ async fn queue(app: &App, event: &Event, evaluation: &Evaluation) -> Result<(), 
 pub async fn recover(rejection: Rejection) -> Result<Response<HyperBytes>, Infallible> {
     let (status, info) = if rejection.is_not_found() {
         (404, "not found".to_string())
-    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+    } else if rejection.find::<TooLarge>().is_some() {
         (413, "body too large".to_string())
-    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
-        (411, "Content-Length required".to_string())
+    } else if rejection.find::<BodyUnreadable>().is_some() {
+        (400, "body could not be read".to_string())
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         (405, "method not allowed".to_string())
     } else {

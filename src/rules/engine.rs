@@ -386,11 +386,10 @@ impl ModuleResolver for RulesFolderResolver {
             .components()
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
         if !inside || path.is_empty() {
-            return Err(EvalAltResult::ErrorInModule(
-                path.to_string(),
-                runtime_error(
-                    "imports must name a file inside the rules folder (no `..`, no absolute path)",
-                ),
+            return Err(EvalAltResult::ErrorRuntime(
+                Dynamic::from(format!(
+                    "import \"{path}\": imports must name a file inside the rules folder (no `..`, no absolute path)"
+                )),
                 pos,
             )
             .into());

@@ -238,7 +238,7 @@ impl Rules {
         let mut ast = self
             .engine
             .compile_into_self_contained(&scope, text)
-            .map_err(|e| problem_from(path, &e))?;
+            .map_err(|e| locate_import(problem_from(path, &e), text))?;
         ast.set_source(name);
         Ok(ast)
     }
@@ -254,8 +254,11 @@ impl Rules {
             CommandKind::After => None,
             _ => Some(start + budget),
         };
+        // Converted once per callback and shared by every rule (cloning the handle, not the
+        // map). Read-only inside, so a rule cannot change what later rules see; only `rewrite`
+        // does, from Rust.
         let shared = match rhai::serde::to_dynamic(event) {
-            Ok(d) => d.into_shared(),
+            Ok(d) => d.into_read_only().into_shared(),
             Err(e) => {
                 tracing::error!(error = %e, "event could not be handed to the rules");
                 return Evaluation {
@@ -392,6 +395,30 @@ fn problem_from(path: &Path, e: &EvalAltResult) -> Problem {
         column: pos.position().unwrap_or(0),
         message,
     }
+}
+
+/// Rhai resolves imports at compile time without a position; a failed `import "x"` is placed
+/// at the line that names it.
+fn locate_import(mut p: Problem, text: &str) -> Problem {
+    if p.line != 0 {
+        return p;
+    }
+    let named = p
+        .message
+        .split("import \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next());
+    if let Some(module) = named {
+        let quoted = format!("\"{module}\"");
+        for (i, line) in text.lines().enumerate() {
+            if let Some(col) = line.find(&quoted).filter(|_| line.contains("import")) {
+                p.line = i + 1;
+                p.column = line[..col].chars().count() + 1;
+                break;
+            }
+        }
+    }
+    p
 }
 
 /// `*.rhai` files directly in `dir`, by name; dotfiles and editor temporaries are skipped.

@@ -359,3 +359,71 @@ async fn bot_messages_skip_the_rules() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sink.count(), 1, "nothing from the bot was forwarded");
 }
+
+/// Copies a folder of rule files (with its module sub-folders) into the workspace.
+fn copy_rules(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_rules(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_moderation_example_works_as_described() {
+    let ws = Workspace::new("[tencent]\nsdk_app_ids = [888888]\n");
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/moderation/rules");
+    copy_rules(&example, &ws.rules());
+    let imrelay = ws.start();
+    let post = |text: &'static str, request: &'static str, command: &'static str| {
+        let imrelay = &imrelay;
+        async move { imrelay.post(command, &with_text(request, text)).await.1 }
+    };
+    let spam = post(
+        "free stuff at https://spam.example",
+        "group-before-send.json",
+        GROUP_BEFORE,
+    )
+    .await;
+    assert_eq!(spam["ErrorCode"], 2);
+    let blocked = post("want to buy followers?", "c2c-before-send.json", C2C_BEFORE).await;
+    assert_eq!(blocked["ErrorCode"], 120001);
+    assert_eq!(
+        blocked["ErrorInfo"],
+        "This message contains a blocked word."
+    );
+    let masked = post("you darn 笨蛋", "group-before-send.json", GROUP_BEFORE).await;
+    assert_eq!(masked["ErrorCode"], 0);
+    assert_eq!(masked["MsgBody"][0]["MsgContent"]["Text"], "you **** **");
+    let fine = post("hello", "group-before-send.json", GROUP_BEFORE).await;
+    assert_eq!(fine, response("group-before-send.response-allow.json"));
+
+    // The audit rule printed every decision on the built-in `stdout` destination.
+    let audit = eventually(
+        Duration::from_secs(10),
+        "four audit lines on stdout",
+        || {
+            let lines = imrelay.stdout_lines();
+            (lines.len() >= 4).then_some(lines)
+        },
+    )
+    .await;
+    let actions: Vec<String> = audit
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["verdict"]["action"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut sorted = actions.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["allow", "allow", "discard", "reject"]);
+}

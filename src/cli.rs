@@ -8,7 +8,8 @@ use serde_json::json;
 use crate::config::{Config, VerdictFailure};
 use crate::event::{CallbackQuery, CommandKind, Event};
 use crate::ingress::answer;
-use crate::rules::Rules;
+use crate::rules::tests::TestSuite;
+use crate::rules::{self, Rules};
 
 /// Builds the rule engine the way the server does, for commands that run rules.
 pub fn rules_for(config: &Config) -> Rules {
@@ -35,7 +36,8 @@ pub fn check(config: &Config) -> i32 {
 }
 
 /// `imrelay dry-run`: runs the rules on one payload and prints what each rule did, one JSON
-/// object per line, then the answer imrelay would give. Sends nothing.
+/// object per line, then the answer imrelay would give. Sends nothing. Exit 1 when a rule does
+/// not compile, errors on this payload or runs out of time.
 pub fn dry_run(config: &Config, command: &str, payload: &Path) -> i32 {
     let body = match std::fs::read(payload) {
         Ok(b) => b,
@@ -96,7 +98,7 @@ pub fn dry_run(config: &Config, command: &str, payload: &Path) -> i32 {
         "{}",
         json!({"answer": result, "forwards": evaluation.forwards.len(), "failed": evaluation.failed, "on_verdict_failure": on_failure})
     );
-    i32::from(!set.problems.is_empty())
+    i32::from(!set.problems.is_empty() || evaluation.failed)
 }
 
 /// `imrelay replay`: moves dead letters back into the queue.
@@ -119,9 +121,35 @@ pub fn replay(config: &Config, destination: Option<&str>) -> i32 {
     }
 }
 
-/// `imrelay test`: runs the rule tests kept beside the rules.
+/// `imrelay test`: runs the rule tests kept beside the rules (`<rules dir>/tests/*.toml`).
+///
+/// Prints one block per failing test (expected and got, per field), then `N passed, M failed`.
+/// Exit 1 when a test fails, a test file cannot be read, or a rule does not compile (its tests
+/// would otherwise run without it).
 pub fn test(config: &Config) -> i32 {
-    let _ = config;
-    eprintln!("rule tests are not implemented yet");
-    1
+    let rules = rules_for(config);
+    let set = rules.current();
+    let suite = TestSuite::load(rules.dir(), &config.tencent);
+    let report = suite.run(&rules, &set);
+    for p in set.problems.iter().chain(&report.problems) {
+        println!("{p}");
+    }
+    for case in report.cases.iter().filter(|c| !c.passed()) {
+        println!();
+        println!("FAIL {}:{}: {}", case.file.display(), case.line, case.name);
+        for m in &case.mismatches {
+            println!("  {}", m.field);
+            println!("    expected: {}", m.expected);
+            println!("    got:      {}", m.got);
+        }
+    }
+    if report.cases.is_empty() && report.problems.is_empty() {
+        println!(
+            "no rule tests in {}",
+            rules.dir().join(rules::tests::TESTS_DIR).display()
+        );
+    }
+    println!();
+    println!("{} passed, {} failed", report.passed(), report.failed());
+    i32::from(!report.ok() || !set.problems.is_empty())
 }

@@ -7,6 +7,7 @@
 
 mod engine;
 pub mod reload;
+pub mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -243,7 +244,9 @@ impl Rules {
         Ok(ast)
     }
 
-    /// Runs every rule in order on `event`. `trace` fills [`Evaluation::reports`].
+    /// Runs every rule in order on `event`. `trace` fills [`Evaluation::reports`]; a traced run
+    /// is an inspection (`dry-run`, rule tests, the `require_tests` gate), not traffic, so it
+    /// leaves the rule metrics alone.
     pub fn evaluate(&self, set: &RuleSet, event: &Event, trace: bool) -> Evaluation {
         let kind = CommandKind::of(&event.command);
         let budget = self.config.verdict_budget;
@@ -298,14 +301,18 @@ impl Rules {
                 scope.push_constant_dynamic("event", shared.clone());
                 let result = self.engine.run_ast_with_scope(&mut scope, &rule.ast);
                 let elapsed = began.elapsed();
-                rule.metrics.runs.increment(1);
-                rule.metrics.seconds.record(elapsed.as_secs_f64());
+                if !trace {
+                    rule.metrics.runs.increment(1);
+                    rule.metrics.seconds.record(elapsed.as_secs_f64());
+                }
                 let error = match result {
                     Ok(()) => None,
                     Err(e) => match terminated_by(&e) {
                         Some(TOKEN_STOP) => None,
                         Some(TOKEN_DEADLINE) => {
-                            rule.metrics.overruns.increment(1);
+                            if !trace {
+                                rule.metrics.overruns.increment(1);
+                            }
                             Some(format!(
                                 "{}: stopped: over the time budget of {} ms",
                                 rule.path.display(),
@@ -317,7 +324,9 @@ impl Rules {
                 };
                 if let Some(message) = &error {
                     failed = true;
-                    rule.metrics.errors.increment(1);
+                    if !trace {
+                        rule.metrics.errors.increment(1);
+                    }
                     tracing::warn!(rule = %rule.name, "rule failed: {message}");
                 }
                 let stopped = engine::is_stopped();

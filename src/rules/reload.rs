@@ -13,16 +13,18 @@ use notify::RecursiveMode;
 use notify_debouncer_full::new_debouncer;
 use tokio::sync::mpsc;
 
-use super::{RuleSet, Rules};
+use super::tests::TestSuite;
+use super::{Problem, RuleSet, Rules};
 
 /// How long the watcher waits for a burst of file events to settle.
 const DEBOUNCE: Duration = Duration::from_millis(150);
 /// The fallback rescan when the watcher is silent.
 const RESCAN: Duration = Duration::from_secs(10);
 
-/// Decides whether a freshly loaded rule set may replace the one in force; returns the set to
-/// publish (`require_tests` uses this to keep the last good set).
-pub type Gate = Arc<dyn Fn(RuleSet, &RuleSet) -> RuleSet + Send + Sync>;
+/// Judges a freshly loaded rule set before it replaces the one in force: returns the problems
+/// that forbid publishing it (none: publish). `rules.require_tests` uses this to keep the last
+/// set that passed the rule tests.
+pub type Gate = Arc<dyn Fn(&RuleSet) -> Vec<Problem> + Send + Sync>;
 
 /// Watches until `shutdown` resolves. Problems are logged and published with the set.
 pub async fn watch(
@@ -54,6 +56,13 @@ pub async fn watch(
             None
         }
     };
+    record(&rules.current());
+    if gate.is_some() {
+        // The start-up load had no earlier set to fall back on: run the tests on it now, so
+        // failures show in the log and `/readyz` from the start.
+        let (rules, gate) = (rules.clone(), gate.clone());
+        let _ = tokio::task::spawn_blocking(move || reload_once(&rules, gate.as_ref())).await;
+    }
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(RESCAN);
     tick.tick().await;
@@ -74,12 +83,22 @@ pub async fn watch(
 }
 
 /// One rescan: load, pass through the gate, publish, and report what changed.
+///
+/// A set the gate refuses is not published: the rules in force keep running, and the refusal
+/// is published as problems beside them, like a compile error.
 pub fn reload_once(rules: &Rules, gate: Option<&Gate>) {
     let previous = rules.current();
     let loaded = rules.load(&previous);
-    let next = match gate {
-        Some(gate) => gate(loaded, &previous),
-        None => loaded,
+    let refusal = gate.map(|gate| gate(&loaded)).unwrap_or_default();
+    let refused = !refusal.is_empty();
+    let next = if refused {
+        RuleSet {
+            rules: previous.rules.clone(),
+            problems: loaded.problems.into_iter().chain(refusal).collect(),
+            modules_digest: previous.modules_digest,
+        }
+    } else {
+        loaded
     };
     let changed = next.problems != previous.problems
         || next.rules.len() != previous.rules.len()
@@ -91,30 +110,49 @@ pub fn reload_once(rules: &Rules, gate: Option<&Gate>) {
     if !changed {
         return;
     }
-    let outcome = if next.problems.is_empty() {
-        "ok"
-    } else {
-        "error"
+    let outcome = match (refused, next.problems.is_empty()) {
+        (true, _) => "refused",
+        (false, true) => "ok",
+        (false, false) => "error",
     };
     metrics::counter!("imrelay_rule_reloads_total", "outcome" => outcome).increment(1);
-    metrics::gauge!("imrelay_rule_problems").set(next.problems.len() as f64);
-    metrics::gauge!("imrelay_rules_loaded").set(next.rules.len() as f64);
+    record(&next);
     for p in &next.problems {
         tracing::warn!("rule problem: {p}");
     }
-    tracing::info!(
-        rules = next.rules.len(),
-        problems = next.problems.len(),
-        "rules reloaded"
-    );
+    if refused {
+        tracing::warn!(
+            rules = next.rules.len(),
+            problems = next.problems.len(),
+            "reload refused: rule tests fail (rules.require_tests); the rules in force keep running"
+        );
+    } else {
+        tracing::info!(
+            rules = next.rules.len(),
+            problems = next.problems.len(),
+            "rules reloaded"
+        );
+    }
     rules.publish(Arc::new(next));
 }
 
-/// The gate for `rules.require_tests`: `None` when reloads need no tests to pass.
+/// The gauges that describe the set in force.
+fn record(set: &RuleSet) {
+    metrics::gauge!("imrelay_rule_problems").set(set.problems.len() as f64);
+    metrics::gauge!("imrelay_rules_loaded").set(set.rules.len() as f64);
+}
+
+/// The gate for `rules.require_tests`: `None` when reloads need no tests to pass. Otherwise
+/// every candidate set runs the tests in `<rules dir>/tests` (read again each time, so editing
+/// a test is picked up like editing a rule), and any failure refuses it.
 pub fn gate(config: &crate::config::Config, rules: Arc<Rules>) -> Option<Gate> {
-    let _ = rules;
     if !config.rules.require_tests {
         return None;
     }
-    None
+    let tencent = config.tencent.clone();
+    Some(Arc::new(move |candidate: &RuleSet| {
+        TestSuite::load(rules.dir(), &tencent)
+            .run(&rules, candidate)
+            .as_problems()
+    }))
 }

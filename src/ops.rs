@@ -14,6 +14,28 @@ use crate::ingress::{json_response, App};
 
 static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// Every metric imrelay exports, with the help text `/metrics` shows for it. Labels: `command`
+/// and `outcome` on callbacks, `rule` on rule metrics, `destination` on delivery metrics.
+pub const METRICS_HELP: &[(&str, &str)] = &[
+    ("imrelay_callbacks_total", "Callbacks answered, by command and outcome (ok, bad_request, unauthorized, forbidden, unavailable, error)."),
+    ("imrelay_callback_duration_seconds", "Time to answer a callback, from its body read to the answer."),
+    ("imrelay_duplicates_total", "Callbacks Tencent delivered again, recognized by event id and not queued twice."),
+    ("imrelay_rule_runs_total", "Rule runs on live events, by rule."),
+    ("imrelay_rule_errors_total", "Rule runs that failed (error or time budget), by rule."),
+    ("imrelay_rule_budget_overruns_total", "Rule runs stopped at the time budget, by rule."),
+    ("imrelay_rule_duration_seconds", "Time one rule took on one event, by rule."),
+    ("imrelay_rule_reloads_total", "Rule set changes published by hot reload, by outcome (ok, error: a file did not compile, refused: rule tests failed)."),
+    ("imrelay_rule_problems", "Problems with the rule set in force (compile errors, failing rule tests)."),
+    ("imrelay_rules_loaded", "Rules in the set in force."),
+    ("imrelay_deliveries_total", "Delivery attempts, by destination and outcome (delivered, retry, dead)."),
+    ("imrelay_delivery_duration_seconds", "Time one delivery attempt took, by destination."),
+    ("imrelay_queue_depth", "Deliveries waiting or in flight, by destination."),
+    ("imrelay_queue_full_total", "Callbacks refused with 503 because a destination's queue was full, by destination."),
+    ("imrelay_dead_letters_total", "Deliveries dead-lettered after their last attempt, by destination."),
+    ("imrelay_outbox_commit_seconds", "Time one outbox commit (a batch of callbacks and outcomes) took, fsync included."),
+    ("imrelay_outbox_errors_total", "Outbox commits that failed."),
+];
+
 /// Installs the process-wide Prometheus recorder once; later calls reuse it.
 pub fn metrics_handle() -> Option<PrometheusHandle> {
     METRICS
@@ -28,6 +50,10 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
+            // The exporter keeps one description per name, whatever the kind of metric.
+            for (name, help) in METRICS_HELP {
+                metrics::describe_counter!(*name, *help);
+            }
             Some(handle)
         })
         .clone()

@@ -209,7 +209,36 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, String
             return (status, answer, label);
         }
     }
+    log_accepted(app, &event, &evaluation);
     (200, answer, label)
+}
+
+/// One line per accepted callback. Redacted (the default), it names only the command and the
+/// event id, at debug level: a line per callback at info would dominate the log at volume and
+/// the metrics already count callbacks. Unredacted, it is an info line with who, where and the
+/// text, for an operator who asked for message content in the log (`log.redact = false`).
+fn log_accepted(app: &App, event: &Event, evaluation: &Evaluation) {
+    let verdict = event
+        .verdict
+        .as_ref()
+        .and_then(|v| v["action"].as_str())
+        .unwrap_or("");
+    let forwards = evaluation.forwards.len();
+    if app.config.log.redact {
+        tracing::debug!(command = %event.command, event = %event.id, forwards, verdict, "callback");
+    } else {
+        tracing::info!(
+            command = %event.command,
+            event = %event.id,
+            from = %event.from,
+            to = %event.to,
+            group = %event.group_id,
+            text = %event.text,
+            forwards,
+            verdict,
+            "callback"
+        );
+    }
 }
 
 /// Renders and stores every forward of this event, then hands them to their lanes.

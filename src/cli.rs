@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::config::{Config, VerdictFailure};
-use crate::event::{CallbackQuery, CommandKind, Event};
+use crate::event::{CallbackQuery, Event};
 use crate::ingress::answer;
 use crate::rules::tests::TestSuite;
 use crate::rules::{self, Rules};
@@ -75,21 +75,8 @@ pub fn dry_run(config: &Config, command: &str, payload: &Path) -> i32 {
     for report in &evaluation.reports {
         println!("{}", serde_json::to_string(report).unwrap_or_default());
     }
-    let kind = CommandKind::of(&event.command);
-    let result = match kind {
-        CommandKind::After => answer::ok(),
-        _ => {
-            let action = answer::decide(&evaluation, config.rules.on_verdict_failure, kind);
-            let mut event = event.clone();
-            if let Some(elements) = evaluation.rewrite_elements.clone() {
-                event.set_elements(elements);
-            }
-            if let Some(data) = &evaluation.rewrite_custom_data {
-                event.custom_data = data.clone();
-            }
-            answer::verdict(&event, kind, &action, &evaluation)
-        }
-    };
+    let mut event = event;
+    let result = answer::settle(&mut event, &evaluation, config.rules.on_verdict_failure);
     let on_failure = match config.rules.on_verdict_failure {
         VerdictFailure::Allow => "allow",
         VerdictFailure::Reject => "reject",

@@ -17,6 +17,28 @@ pub fn fail(status: u16, info: &str) -> Value {
     json!({"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": status})
 }
 
+/// The answer to a callback once its rules ran. For a before-event this settles the decision:
+/// an allowed message takes the rules' rewrites, and the event records its `verdict` (which
+/// forwards then carry).
+pub fn settle(event: &mut Event, evaluation: &Evaluation, on_failure: VerdictFailure) -> Value {
+    let kind = CommandKind::of(&event.command);
+    if kind == CommandKind::After {
+        return ok();
+    }
+    let action = decide(evaluation, on_failure, kind);
+    if action == Action::Allow {
+        if let Some(elements) = &evaluation.rewrite_elements {
+            event.set_elements(elements.clone());
+        }
+        if let Some(data) = &evaluation.rewrite_custom_data {
+            event.custom_data = data.clone();
+        }
+    }
+    let answer = verdict(event, kind, &action, evaluation);
+    event.verdict = Some(crate::rules::action_json(&action));
+    answer
+}
+
 /// The final decision on a before-event after failure handling.
 pub fn decide(evaluation: &Evaluation, on_failure: VerdictFailure, kind: CommandKind) -> Action {
     match &evaluation.action {

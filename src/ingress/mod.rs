@@ -19,9 +19,9 @@ use warp::{Filter, Rejection};
 
 use crate::config::Config;
 use crate::deliver::{format, Dispatcher};
-use crate::event::{CommandKind, Event};
+use crate::event::Event;
 use crate::outbox::{Enqueued, NewDelivery, Outbox};
-use crate::rules::{action_json, Evaluation, Rules};
+use crate::rules::{Evaluation, Rules};
 use verify::Query;
 
 /// Everything the callback path needs, shared by every request.
@@ -176,7 +176,6 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, String
             }
         };
     let label = command_label(&event.command);
-    let kind = CommandKind::of(&event.command);
 
     let evaluation = if event.from_bot && app.config.rules.skip_bot_messages {
         Evaluation::default()
@@ -185,23 +184,7 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, String
         app.rules.evaluate(&set, &event, false)
     };
 
-    let answer = match kind {
-        CommandKind::After => answer::ok(),
-        _ => {
-            let action = answer::decide(&evaluation, app.config.rules.on_verdict_failure, kind);
-            if action == crate::rules::Action::Allow {
-                if let Some(elements) = evaluation.rewrite_elements.clone() {
-                    event.set_elements(elements);
-                }
-                if let Some(data) = &evaluation.rewrite_custom_data {
-                    event.custom_data = data.clone();
-                }
-            }
-            let answer = answer::verdict(&event, kind, &action, &evaluation);
-            event.verdict = Some(action_json(&action));
-            answer
-        }
-    };
+    let answer = answer::settle(&mut event, &evaluation, app.config.rules.on_verdict_failure);
 
     if !evaluation.forwards.is_empty() {
         if let Err(status_and_answer) = queue(app, &event, &evaluation).await {

@@ -155,6 +155,14 @@ fn the_example_rules_pass_their_tests() {
     assert!(text.contains(" passed, 0 failed"), "{text}");
 }
 
+#[test]
+fn the_example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/imrelay.toml");
+    let ws = Workspace::new(&std::fs::read_to_string(example).unwrap());
+    let (text, _) = run(&ws, &["check"], 0);
+    assert!(text.starts_with("ok: configuration"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn require_tests_refuses_a_reload_that_breaks_a_test() {
     let sink = Sink::start().await;

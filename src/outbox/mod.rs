@@ -5,13 +5,19 @@
 //! fsync, which is what makes durability affordable at thousands of callbacks a second.
 //! Delivery workers read rows directly; they report outcomes back to the writer, which stores
 //! attempt counts and next-attempt times so backoff survives a restart.
+//!
+//! A failed commit (an I/O error, a full disk) leaves redb refusing every later transaction
+//! until the database is opened again. The writer then closes it and reopens it (redb repairs
+//! it from the last good commit), at most every [`REOPEN_EVERY`], and stays alive throughout:
+//! meanwhile callbacks that need storage get a 503 (Tencent sends them again) and delivery
+//! outcomes are kept and committed once storage is back, so an outage delays but loses nothing.
 
 mod row;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
@@ -28,12 +34,22 @@ const SEEN_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("see
 /// Most operations the writer folds into one commit.
 const MAX_BATCH: usize = 1024;
 
+/// How often the writer tries to reopen storage after a failure. Each try may run a repair, so
+/// a lasting fault (a full disk) must not turn every incoming callback into one.
+const REOPEN_EVERY: Duration = Duration::from_millis(250);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the data folder {0} is in use by another imrelay process (stop it first, or use another --data folder)")]
     Locked(PathBuf),
     #[error("storage error: {0}")]
     Storage(String),
+    /// One stored row does not decode: a bug or outside damage, not a storage outage.
+    #[error("a stored delivery is unreadable")]
+    Unreadable,
+    /// A commit failed and the database is being reopened; try again shortly.
+    #[error("storage is unavailable after an error and is being reopened")]
+    Unavailable,
     #[error("the outbox writer has stopped")]
     Closed,
 }
@@ -94,10 +110,42 @@ enum Op {
     },
 }
 
+impl Op {
+    /// Done, retry and dead-letter report deliveries that already happened: if their commit
+    /// fails they are kept for the next one rather than dropped.
+    fn is_outcome(&self) -> bool {
+        matches!(self, Op::Done { .. } | Op::Retry { .. } | Op::Dead { .. })
+    }
+}
+
+/// The open database, shared by the writer and the readers. The writer empties it when a
+/// commit fails and fills it again once the database is reopened; redb cannot open a file that
+/// is still open, so nobody may keep the database beyond one short read.
+#[derive(Clone, Default)]
+struct Slot(Arc<RwLock<Option<Arc<Database>>>>);
+
+impl Slot {
+    fn get(&self) -> Option<Arc<Database>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace(&self, db: Option<Arc<Database>>) -> Option<Arc<Database>> {
+        let mut slot = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *slot, db)
+    }
+}
+
+/// Opens the database, at start-up and again after a failure: the file in the data folder, or
+/// in tests a backend that fails on demand.
+type Opener = Box<dyn Fn() -> Result<Database, StoreError> + Send>;
+
 /// Handle to the outbox; cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
-    db: Arc<Database>,
+    slot: Slot,
     ops: std_mpsc::Sender<Op>,
 }
 
@@ -110,7 +158,12 @@ pub fn now_ms() -> u64 {
 impl Outbox {
     /// Opens (or creates) `dir/outbox.redb` and starts the writer thread.
     pub fn open(dir: &Path, dedupe_window: Duration) -> Result<Outbox, StoreError> {
-        let db = Arc::new(open_db(dir)?);
+        let dir = dir.to_path_buf();
+        Outbox::open_with(Box::new(move || open_db(&dir)), dedupe_window)
+    }
+
+    fn open_with(opener: Opener, dedupe_window: Duration) -> Result<Outbox, StoreError> {
+        let db = opener()?;
         {
             let w = db.begin_write()?;
             w.open_table(PENDING)?;
@@ -119,25 +172,28 @@ impl Outbox {
             w.open_table(SEEN_BY_TIME)?;
             w.commit()?;
         }
-        let next_seq = {
-            let r = db.begin_read()?;
-            let last = |t: redb::ReadOnlyTable<u64, &[u8]>| -> Result<u64, StoreError> {
-                Ok(t.last()?.map_or(0, |(k, _)| k.value()))
-            };
-            last(r.open_table(PENDING)?)?.max(last(r.open_table(DEAD)?)?) + 1
-        };
+        let next_seq = first_free_seq(&db)?;
         let (ops, rx) = std_mpsc::channel();
+        let slot = Slot::default();
+        slot.replace(Some(Arc::new(db)));
         let writer = Writer {
-            db: db.clone(),
+            slot: slot.clone(),
+            opener,
             next_seq,
             dedupe_window_ms: dedupe_window.as_millis() as u64,
             last_prune_ms: 0,
+            last_reopen: None,
+            carried: Vec::new(),
         };
         std::thread::Builder::new()
             .name("imrelay-outbox".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Storage(format!("cannot start the outbox writer: {e}")))?;
-        Ok(Outbox { db, ops })
+        Ok(Outbox { slot, ops })
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.slot.get().ok_or(StoreError::Unavailable)
     }
 
     /// Stores the deliveries of one event durably, or finds it is a duplicate.
@@ -159,7 +215,7 @@ impl Outbox {
 
     /// Every stored delivery, by destination, for scheduling at start-up.
     pub fn pending(&self) -> Result<Vec<(String, Queued)>, StoreError> {
-        let r = self.db.begin_read()?;
+        let r = self.db()?.begin_read()?;
         let t = r.open_table(PENDING)?;
         let mut out = Vec::new();
         for entry in t.iter()? {
@@ -180,7 +236,7 @@ impl Outbox {
 
     /// Reads one waiting delivery; `None` if it is no longer pending.
     pub fn load(&self, seq: u64) -> Result<Option<Row>, StoreError> {
-        let r = self.db.begin_read()?;
+        let r = self.db()?.begin_read()?;
         let t = r.open_table(PENDING)?;
         let row = t.get(seq)?;
         row.map(|v| Row::decode(v.value())).transpose()
@@ -212,9 +268,18 @@ impl Outbox {
 
     /// Counts of waiting and dead-lettered deliveries.
     pub fn counts(&self) -> Result<(u64, u64), StoreError> {
-        let r = self.db.begin_read()?;
+        let r = self.db()?.begin_read()?;
         Ok((r.open_table(PENDING)?.len()?, r.open_table(DEAD)?.len()?))
     }
+}
+
+/// The sequence number after every stored one, pending or dead.
+fn first_free_seq(db: &Database) -> Result<u64, StoreError> {
+    let r = db.begin_read()?;
+    let last = |t: redb::ReadOnlyTable<u64, &[u8]>| -> Result<u64, StoreError> {
+        Ok(t.last()?.map_or(0, |(k, _)| k.value()))
+    };
+    Ok(last(r.open_table(PENDING)?)?.max(last(r.open_table(DEAD)?)?) + 1)
 }
 
 fn open_db(dir: &Path) -> Result<Database, StoreError> {
@@ -243,16 +308,17 @@ pub fn replay(dir: &Path, destination: Option<&str>) -> Result<usize, StoreError
         let mut keys = Vec::new();
         for entry in dead.iter()? {
             let (k, v) = entry?;
-            let row = Row::decode(v.value())?;
-            if destination.is_none_or(|d| d == row.destination) {
+            // An unreadable one stays where it is; it must not block replaying the others.
+            let wanted = decoded(k.value(), v.value())
+                .is_some_and(|row| destination.is_none_or(|d| d == row.destination));
+            if wanted {
                 keys.push(k.value());
             }
         }
         for seq in keys {
-            let Some(bytes) = dead.remove(seq)?.map(|v| v.value().to_vec()) else {
+            let Some(mut row) = dead.remove(seq)?.and_then(|v| decoded(seq, v.value())) else {
                 continue;
             };
-            let mut row = Row::decode(&bytes)?;
             row.attempts = 0;
             row.next_attempt_ms = 0;
             pending.insert(seq, row.encode().as_slice())?;
@@ -277,16 +343,37 @@ pub fn dead_letters(dir: &Path) -> Result<Vec<(u64, Row)>, StoreError> {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    slot: Slot,
+    opener: Opener,
+    /// Never handed out twice, not even after a failed commit: a commit that reported an error
+    /// may still be found whole when redb repairs the file, and its rows must not be overwritten.
     next_seq: u64,
     dedupe_window_ms: u64,
     last_prune_ms: u64,
+    last_reopen: Option<Instant>,
+    /// Outcomes whose commit failed, to go first into the next one.
+    carried: Vec<Op>,
 }
 
 impl Writer {
     fn run(mut self, rx: std_mpsc::Receiver<Op>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
+        loop {
+            // With outcomes waiting for storage to come back, wake up to retry them even when
+            // nothing new arrives.
+            let first = if self.carried.is_empty() {
+                match rx.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(REOPEN_EVERY) {
+                    Ok(op) => Some(op),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            let mut batch = std::mem::take(&mut self.carried);
+            batch.extend(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(op) => batch.push(op),
@@ -299,131 +386,361 @@ impl Writer {
 
     /// Applies a batch in one transaction and answers every waiting caller after the commit.
     fn commit(&mut self, batch: Vec<Op>) {
-        let started = std::time::Instant::now();
-        let seq_before = self.next_seq;
-        // One answer per enqueue, in batch order.
+        let started = Instant::now();
+        // One answer per stored or duplicate enqueue, in batch order.
         let mut answers: Vec<Enqueued> = Vec::new();
-        let mut flushes = Vec::new();
-        let result = (|| -> Result<(), StoreError> {
-            let w = self.db.begin_write()?;
-            {
-                let mut pending = w.open_table(PENDING)?;
-                let mut dead = w.open_table(DEAD)?;
-                let mut seen = w.open_table(SEEN)?;
-                let mut seen_by_time = w.open_table(SEEN_BY_TIME)?;
-                let now = now_ms();
-                for op in batch.iter() {
-                    match op {
-                        Op::Enqueue { .. } | Op::Flush { .. } => {}
-                        Op::Done { seq } => {
-                            pending.remove(*seq)?;
-                        }
-                        Op::Retry {
-                            seq,
-                            attempt,
-                            next_attempt_ms,
-                        } => {
-                            let row = pending.get(*seq)?.map(|v| Row::decode(v.value()));
-                            if let Some(row) = row {
-                                let mut row = row?;
-                                row.record(attempt.clone());
-                                row.next_attempt_ms = *next_attempt_ms;
-                                pending.insert(*seq, row.encode().as_slice())?;
-                            }
-                        }
-                        Op::Dead { seq, attempt } => {
-                            let row = pending.remove(*seq)?.map(|v| Row::decode(v.value()));
-                            if let Some(row) = row {
-                                let mut row = row?;
-                                row.record(attempt.clone());
-                                dead.insert(*seq, row.encode().as_slice())?;
-                                metrics::counter!("imrelay_dead_letters_total", "destination" => row.destination.clone()).increment(1);
-                            }
-                        }
-                    }
-                }
-                for op in batch.iter() {
-                    let Op::Enqueue {
-                        event_id,
-                        deliveries,
-                        ..
-                    } = op
-                    else {
-                        continue;
-                    };
-                    let previous = seen.get(event_id.as_str())?.map(|v| v.value());
-                    if previous.is_some_and(|t| now.saturating_sub(t) < self.dedupe_window_ms) {
-                        answers.push(Enqueued::Duplicate);
-                        continue;
-                    }
-                    if let Some(t) = previous {
-                        seen_by_time.remove((t, event_id.as_str()))?;
-                    }
-                    seen.insert(event_id.as_str(), now)?;
-                    seen_by_time.insert((now, event_id.as_str()), ())?;
-                    let mut stored = Vec::with_capacity(deliveries.len());
-                    for d in deliveries {
-                        let seq = self.next_seq;
-                        self.next_seq += 1;
-                        let row = Row::new(d, now);
-                        pending.insert(seq, row.encode().as_slice())?;
-                        stored.push((
-                            d.destination.clone(),
-                            Queued {
-                                seq,
-                                attempts: 0,
-                                next_attempt_ms: 0,
-                                size: d.body.len() as u64,
-                            },
-                        ));
-                    }
-                    answers.push(Enqueued::Stored(stored));
-                }
-                if now.saturating_sub(self.last_prune_ms) > 60_000 {
-                    self.last_prune_ms = now;
-                    let cutoff = now.saturating_sub(self.dedupe_window_ms);
-                    let expired: Vec<(u64, String)> = seen_by_time
-                        .range(..(cutoff, ""))?
-                        .take(100_000)
-                        .filter_map(|e| e.ok())
-                        .map(|(k, _)| {
-                            let (t, id) = k.value();
-                            (t, id.to_string())
-                        })
-                        .collect();
-                    for (t, id) in expired {
-                        seen_by_time.remove((t, id.as_str()))?;
-                        seen.remove(id.as_str())?;
-                    }
-                }
-            }
-            w.commit()?;
-            Ok(())
-        })();
+        let result = self
+            .database()
+            .and_then(|db| self.apply(&db, &batch, &mut answers));
         metrics::histogram!("imrelay_outbox_commit_seconds")
             .record(started.elapsed().as_secs_f64());
-        let mut stored_answers = answers.into_iter();
+        let mut answers = answers.into_iter();
+        let mut flushes = Vec::new();
         for op in batch {
             match op {
                 Op::Enqueue { reply, .. } => {
                     let answer = match &result {
-                        Ok(()) => Ok(stored_answers.next().unwrap_or(Enqueued::Duplicate)),
+                        Ok(()) => Ok(answers.next().unwrap_or(Enqueued::Duplicate)),
+                        Err(StoreError::Unavailable) => Err(StoreError::Unavailable),
                         Err(e) => Err(StoreError::Storage(e.to_string())),
                     };
                     let _ = reply.send(answer);
                 }
                 Op::Flush { reply } => flushes.push(reply),
+                op if result.is_err() && op.is_outcome() => self.carried.push(op),
                 _ => {}
             }
         }
-        if let Err(e) = &result {
-            // Nothing of this batch was stored: give the sequence numbers back and say so.
-            self.next_seq = seq_before;
-            tracing::error!(error = %e, "outbox commit failed");
-            metrics::counter!("imrelay_outbox_errors_total").increment(1);
+        match &result {
+            Ok(()) => {}
+            // Already reported when the database was closed.
+            Err(StoreError::Unavailable) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "outbox commit failed; reopening storage");
+                metrics::counter!("imrelay_outbox_errors_total").increment(1);
+                self.close();
+            }
         }
         for f in flushes {
             let _ = f.send(());
         }
+    }
+
+    /// The open database, reopened first if a failure closed it (at most every
+    /// [`REOPEN_EVERY`]).
+    fn database(&mut self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = self.slot.get() {
+            return Ok(db);
+        }
+        if self.last_reopen.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+            return Err(StoreError::Unavailable);
+        }
+        self.last_reopen = Some(Instant::now());
+        let reopened = (self.opener)().and_then(|db| Ok((first_free_seq(&db)?, db)));
+        match reopened {
+            Ok((free, db)) => {
+                self.next_seq = self.next_seq.max(free);
+                let db = Arc::new(db);
+                self.slot.replace(Some(db.clone()));
+                tracing::info!("storage reopened");
+                Ok(db)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "storage could not be reopened yet");
+                Err(StoreError::Unavailable)
+            }
+        }
+    }
+
+    /// Closes the database after a failed commit: redb refuses every later transaction until
+    /// it is opened again, which needs the file closed first.
+    fn close(&mut self) {
+        let Some(mut db) = self.slot.replace(None) else {
+            return;
+        };
+        // Readers hold it for one short read at most: wait for them to let go.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match Arc::try_unwrap(db) {
+                Ok(only) => {
+                    drop(only);
+                    break;
+                }
+                // The last reader closes it; reopening fails until then and is tried again.
+                Err(_) if Instant::now() > deadline => break,
+                Err(shared) => {
+                    db = shared;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        self.last_reopen = None;
+    }
+
+    /// Writes the whole batch into one transaction and commits it. `answers` gets one entry per
+    /// enqueue, in order.
+    fn apply(
+        &mut self,
+        db: &Database,
+        batch: &[Op],
+        answers: &mut Vec<Enqueued>,
+    ) -> Result<(), StoreError> {
+        let w = db.begin_write()?;
+        {
+            let mut pending = w.open_table(PENDING)?;
+            let mut dead = w.open_table(DEAD)?;
+            let mut seen = w.open_table(SEEN)?;
+            let mut seen_by_time = w.open_table(SEEN_BY_TIME)?;
+            let now = now_ms();
+            for op in batch {
+                match op {
+                    Op::Enqueue { .. } | Op::Flush { .. } => {}
+                    Op::Done { seq } => {
+                        pending.remove(*seq)?;
+                    }
+                    Op::Retry {
+                        seq,
+                        attempt,
+                        next_attempt_ms,
+                    } => {
+                        let row = pending.get(*seq)?.and_then(|v| decoded(*seq, v.value()));
+                        // Gone: settled already (a replay race, or a repeated outcome).
+                        let Some(mut row) = row else {
+                            continue;
+                        };
+                        row.record(attempt.clone());
+                        row.next_attempt_ms = *next_attempt_ms;
+                        pending.insert(*seq, row.encode().as_slice())?;
+                    }
+                    Op::Dead { seq, attempt } => {
+                        let Some(bytes) = pending.remove(*seq)?.map(|v| v.value().to_vec()) else {
+                            continue;
+                        };
+                        // An unreadable row is parked as it is: out of the way, not lost.
+                        let parked = match decoded(*seq, &bytes) {
+                            Some(mut row) => {
+                                row.record(attempt.clone());
+                                metrics::counter!("imrelay_dead_letters_total", "destination" => row.destination.clone()).increment(1);
+                                row.encode()
+                            }
+                            None => bytes,
+                        };
+                        dead.insert(*seq, parked.as_slice())?;
+                    }
+                }
+            }
+            for op in batch {
+                let Op::Enqueue {
+                    event_id,
+                    deliveries,
+                    ..
+                } = op
+                else {
+                    continue;
+                };
+                let previous = seen.get(event_id.as_str())?.map(|v| v.value());
+                if previous.is_some_and(|t| now.saturating_sub(t) < self.dedupe_window_ms) {
+                    answers.push(Enqueued::Duplicate);
+                    continue;
+                }
+                if let Some(t) = previous {
+                    seen_by_time.remove((t, event_id.as_str()))?;
+                }
+                seen.insert(event_id.as_str(), now)?;
+                seen_by_time.insert((now, event_id.as_str()), ())?;
+                let mut stored = Vec::with_capacity(deliveries.len());
+                for d in deliveries {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    let row = Row::new(d, now);
+                    pending.insert(seq, row.encode().as_slice())?;
+                    stored.push((
+                        d.destination.clone(),
+                        Queued {
+                            seq,
+                            attempts: 0,
+                            next_attempt_ms: 0,
+                            size: d.body.len() as u64,
+                        },
+                    ));
+                }
+                answers.push(Enqueued::Stored(stored));
+            }
+            if now.saturating_sub(self.last_prune_ms) > 60_000 {
+                self.last_prune_ms = now;
+                let cutoff = now.saturating_sub(self.dedupe_window_ms);
+                let expired: Vec<(u64, String)> = seen_by_time
+                    .range(..(cutoff, ""))?
+                    .take(100_000)
+                    .filter_map(|e| e.ok())
+                    .map(|(k, _)| {
+                        let (t, id) = k.value();
+                        (t, id.to_string())
+                    })
+                    .collect();
+                for (t, id) in expired {
+                    seen_by_time.remove((t, id.as_str()))?;
+                    seen.remove(id.as_str())?;
+                }
+            }
+        }
+        w.commit()?;
+        Ok(())
+    }
+}
+
+/// A stored row, or `None` when it is unreadable (logged). Callers leave such a row where it is
+/// or park it as it is: failing the whole transaction for it would refuse every callback in
+/// the batch, or every other replay.
+fn decoded(seq: u64, bytes: &[u8]) -> Option<Row> {
+    Row::decode(bytes)
+        .inspect_err(|e| tracing::error!(seq, error = %e, "stored delivery left as it is"))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Bound;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use redb::backends::FileBackend;
+    use redb::{BackendError, StorageBackend};
+
+    use super::*;
+
+    /// A file backend whose writes fail while `failing` is set, as on a full disk.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: FileBackend,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl Flaky {
+        fn check(&self) -> std::io::Result<()> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("no space left on device (injected)"));
+            }
+            Ok(())
+        }
+    }
+
+    impl StorageBackend for Flaky {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> std::io::Result<()> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_range(s, e)
+        }
+        fn try_lock_shared_range(
+            &self,
+            s: Bound<u64>,
+            e: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.try_lock_shared_range(s, e)
+        }
+        fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_range(s, e)
+        }
+        fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_shared_range(s, e)
+        }
+        fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.unlock_range(s, e)
+        }
+        fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.query_lock_range(s, e)
+        }
+    }
+
+    fn flaky_outbox(path: PathBuf, failing: Arc<AtomicBool>) -> Outbox {
+        let opener = move || -> Result<Database, StoreError> {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| StoreError::Storage(e.to_string()))?;
+            let backend = Flaky {
+                inner: FileBackend::new(file)?,
+                failing: failing.clone(),
+            };
+            Ok(redb::Builder::new().create_with_backend(backend)?)
+        };
+        Outbox::open_with(Box::new(opener), Duration::from_secs(60)).unwrap()
+    }
+
+    fn delivery(n: u32) -> (String, Vec<NewDelivery>) {
+        let d = NewDelivery {
+            destination: "sink".into(),
+            webhook_id: format!("msg_{n}"),
+            content_type: "application/json",
+            body: format!("{{\"n\":{n}}}").into_bytes(),
+        };
+        (format!("event-{n}"), vec![d])
+    }
+
+    async fn stored_seq(outbox: &Outbox, n: u32) -> Result<u64, StoreError> {
+        let (id, deliveries) = delivery(n);
+        match outbox.enqueue(id, deliveries).await? {
+            Enqueued::Stored(q) => Ok(q[0].1.seq),
+            Enqueued::Duplicate => panic!("event {n} is new"),
+        }
+    }
+
+    /// A disk that fails and recovers: callbacks are refused meanwhile (never answered as
+    /// stored), the writer survives and reopens the database, nothing stored before is lost
+    /// and an outcome reported during the outage is committed afterwards.
+    #[tokio::test]
+    async fn storage_failure_refuses_then_recovers_without_losing_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let failing = Arc::new(AtomicBool::new(false));
+        let outbox = flaky_outbox(dir.path().join("outbox.redb"), failing.clone());
+        let first = stored_seq(&outbox, 1).await.unwrap();
+        let second = stored_seq(&outbox, 2).await.unwrap();
+
+        failing.store(true, Ordering::SeqCst);
+        let refused = stored_seq(&outbox, 3).await;
+        assert!(refused.is_err(), "{refused:?}");
+        // Delivered during the outage: the outcome must not be lost.
+        outbox.done(first);
+        outbox.flush().await;
+        assert!(stored_seq(&outbox, 4).await.is_err());
+
+        failing.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let third = loop {
+            match stored_seq(&outbox, 3).await {
+                Ok(seq) => break seq,
+                Err(e) if Instant::now() < deadline => {
+                    assert!(matches!(e, StoreError::Unavailable), "{e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("storage did not come back: {e}"),
+            }
+        };
+        outbox.flush().await;
+        let pending: Vec<u64> = outbox.pending().unwrap().iter().map(|q| q.1.seq).collect();
+        assert_eq!(pending, vec![second, third]);
+        assert!(third > second);
+        assert_eq!(outbox.load(second).unwrap().unwrap().body, b"{\"n\":2}");
     }
 }

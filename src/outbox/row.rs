@@ -87,7 +87,7 @@ impl Row {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Row, StoreError> {
-        let corrupt = || StoreError::Storage("a stored delivery is unreadable".into());
+        let corrupt = || StoreError::Unreadable;
         let len_bytes: [u8; 4] = bytes
             .get(..4)
             .ok_or_else(corrupt)?

@@ -81,6 +81,10 @@ fn httpdate(s: &str) -> Option<std::time::SystemTime> {
     Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
+/// The longest `Retry-After` honoured when it is above the destination's own `backoff_max`: a
+/// destination asking for more is tried again after this long.
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
+
 /// Exponential backoff with full jitter: a random wait in `[0, min(max, base·2^n)]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -104,8 +108,11 @@ impl Backoff {
             .min(self.max);
         let jittered = Duration::from_millis(fastrand::u64(0..=ceiling.as_millis() as u64));
         match retry_after {
-            // The destination said when: wait at least that long, but never past the cap.
-            Some(after) => after.min(self.max).max(jittered.min(self.base)),
+            // The destination said when: wait that long even past `max` (trying sooner only
+            // burns attempts on answers like 429), up to an hour or `max` if that is longer.
+            Some(after) => after
+                .min(RETRY_AFTER_CAP.max(self.max))
+                .max(jittered.min(self.base)),
             None => jittered,
         }
     }
@@ -151,7 +158,11 @@ mod tests {
         }
         assert_eq!(
             b.delay(0, Some(Duration::from_secs(60))),
-            Duration::from_secs(1)
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            b.delay(0, Some(Duration::from_secs(86_400))),
+            RETRY_AFTER_CAP
         );
         assert!(Backoff::new(Duration::ZERO, Duration::from_secs(1)).is_err());
     }

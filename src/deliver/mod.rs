@@ -20,10 +20,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{DestinationConfig, Format, StorageConfig, STDOUT_DESTINATION};
-use crate::outbox::{now_ms, Attempt, Outbox, Queued, Row};
+use crate::outbox::{now_ms, Attempt, Outbox, Queued, Row, StoreError};
 use policy::{Backoff, Outcome};
 
 pub const USER_AGENT: &str = concat!("imrelay/", env!("CARGO_PKG_VERSION"));
+
+/// How long a delivery waits when its row could not be read (storage is being reopened). Not
+/// an attempt: a storage outage must not use up a destination's `max_attempts`.
+const STORAGE_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a callback's deliveries cannot be accepted now.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +138,7 @@ impl Dispatcher {
                 None => {
                     // Stored for a destination that is no longer configured: park it where
                     // `imrelay replay` can bring it back once it is.
+                    tracing::warn!(destination = %name, seq = q.seq, "stored delivery for a destination that is not configured: dead-lettered");
                     self.inner.outbox.dead_letter(
                         q.seq,
                         Attempt {
@@ -215,7 +220,8 @@ impl Worker {
         mut stop: watch::Receiver<bool>,
     ) {
         let mut heap: BinaryHeap<Due> = BinaryHeap::new();
-        let mut in_flight: JoinSet<(Queued, Outcome, Duration)> = JoinSet::new();
+        let mut in_flight: JoinSet<(Queued, Result<Outcome, StoreError>, Duration)> =
+            JoinSet::new();
         let depth =
             metrics::gauge!("imrelay_queue_depth", "destination" => self.config.name.clone());
         loop {
@@ -255,10 +261,12 @@ impl Worker {
             let sleep = tokio::time::sleep(Duration::from_millis(wait_ms.unwrap_or(3_600_000)));
             tokio::select! {
                 biased;
-                _ = stop.changed() => break,
+                // `wait_for`, not `changed`: a lane started after shutdown began (by a callback
+                // still finishing) must stop too, though it never sees the change.
+                _ = stop.wait_for(|stopped| *stopped) => break,
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Ok((job, outcome, took)) = done {
-                        if let Some(again) = self.settle(job, outcome, took) {
+                        if let Some(again) = self.finish(job, outcome, took) {
                             heap.push(again);
                         }
                     }
@@ -274,7 +282,7 @@ impl Worker {
         while !in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, in_flight.join_next()).await {
                 Ok(Some(Ok((job, outcome, took)))) => {
-                    self.settle(job, outcome, took);
+                    self.finish(job, outcome, took);
                 }
                 Ok(Some(Err(_))) => {}
                 Ok(None) => break,
@@ -283,6 +291,24 @@ impl Worker {
                     in_flight.abort_all();
                     break;
                 }
+            }
+        }
+    }
+
+    /// Settles an attempt, or puts the job back unattempted when its row could not be read;
+    /// returns the job again when it is to be tried later.
+    fn finish(
+        &mut self,
+        job: Queued,
+        outcome: Result<Outcome, StoreError>,
+        took: Duration,
+    ) -> Option<Due> {
+        match outcome {
+            Ok(outcome) => self.settle(job, outcome, took),
+            Err(e) => {
+                tracing::warn!(destination = %self.config.name, seq = job.seq, error = %e, "delivery postponed: its row could not be read");
+                let next = now_ms() + STORAGE_WAIT.as_millis() as u64;
+                Some(Reverse((next, job.seq, job.attempts, job.size)))
             }
         }
     }
@@ -337,23 +363,34 @@ fn count(destination: &str, outcome: &'static str) {
         .increment(1);
 }
 
-/// One attempt: read the stored delivery, send it, classify the answer.
-async fn attempt(inner: &Inner, config: &DestinationConfig, seq: u64) -> Outcome {
+/// One attempt: read the stored delivery, send it, classify the answer. An error means the
+/// row could not be read and nothing was sent.
+async fn attempt(
+    inner: &Inner,
+    config: &DestinationConfig,
+    seq: u64,
+) -> Result<Outcome, StoreError> {
     let row = match inner.outbox.load(seq) {
         Ok(Some(row)) => row,
         // Already settled (for example by a replay race): nothing to send.
-        Ok(None) => return Outcome::Delivered,
-        Err(e) => {
-            return Outcome::Retry {
+        Ok(None) => return Ok(Outcome::Delivered),
+        // It will never decode: park it with the dead letters instead of retrying forever.
+        Err(StoreError::Unreadable) => {
+            return Ok(Outcome::Fatal {
                 status: 0,
-                error: e.to_string(),
-                after: None,
-            }
+                error: StoreError::Unreadable.to_string(),
+            })
         }
+        Err(e) => return Err(e),
     };
     if config.name == STDOUT_DESTINATION {
-        return print_stdout(&row);
+        return Ok(print_stdout(&row));
     }
+    Ok(send(inner, config, row).await)
+}
+
+/// Sends a stored delivery once and classifies the answer.
+async fn send(inner: &Inner, config: &DestinationConfig, row: Row) -> Outcome {
     let timestamp = now_ms() / 1000;
     let mut url = config.url.clone();
     let mut body = row.body;

@@ -18,6 +18,7 @@ pub mod rules;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 
 use tokio::net::TcpListener;
 use warp::Filter;
@@ -102,9 +103,16 @@ pub async fn run(
             })
             .run(),
     );
+    // Poll `shutdown` once before saying we listen: a signal handler it installs on first poll
+    // is then in place by the time anyone can know we are up, so an early SIGTERM stops us
+    // cleanly (exit 0) instead of killing us.
+    let mut shutdown = Box::pin(shutdown);
+    let first_poll = std::future::poll_fn(|cx| Poll::Ready(shutdown.as_mut().poll(cx)));
+    let early = first_poll.await.is_ready();
     tracing::info!("imrelay listening on http://{addr}{path}");
-
-    shutdown.await;
+    if !early {
+        shutdown.await;
+    }
     tracing::info!("shutting down: no new callbacks; finishing in-flight work");
     let _ = stop_server.send(());
     if tokio::time::timeout(grace, server).await.is_err() {

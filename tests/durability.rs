@@ -1,0 +1,428 @@
+//! Issue 3, "never lose an acknowledged callback": every callback answered 200 reaches its
+//! destination at least once, whatever happens to imrelay (kill -9, SIGTERM mid-delivery) or to
+//! the destination (down, failing, slow, rate limiting), and failures end in dead letters that
+//! `imrelay replay` brings back. Everything goes through the real binary and a real HTTP sink.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use support::*;
+
+const FORWARD_ALL: &str = "forward(\"sink\");\n";
+const MESSAGE: &str = "Group.CallbackAfterSendMsg";
+
+/// A group message that differs from every other `n` (its `MsgSeq`), so it gets its own event id.
+fn message(n: u64) -> Vec<u8> {
+    let mut body: Value = serde_json::from_slice(&fixture("group-after-send-text.json")).unwrap();
+    body["MsgSeq"] = n.into();
+    serde_json::to_vec(&body).unwrap()
+}
+
+/// Posts messages `range` concurrently (so they share outbox commits) and checks each got 200.
+async fn post_messages(imrelay: &Imrelay, range: std::ops::Range<u64>) {
+    let bodies: Vec<(u64, Vec<u8>)> = range.map(|n| (n, message(n))).collect();
+    let answers =
+        futures_util::future::join_all(bodies.iter().map(|(_, b)| imrelay.post(MESSAGE, b))).await;
+    for ((n, _), (status, answer)) in bodies.iter().zip(answers) {
+        assert_eq!(status, 200, "message {n}: {answer}");
+        assert_eq!(answer["ActionStatus"], "OK", "message {n}");
+    }
+}
+
+/// The distinct event ids and message numbers (`seq`) among these requests.
+fn ids_and_seqs(requests: &[Received]) -> (BTreeSet<String>, BTreeSet<u64>) {
+    let events: Vec<Value> = requests.iter().map(Received::json).collect();
+    let ids = events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    let seqs = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    (ids, seqs)
+}
+
+/// `(pending, dead_letters)` as `/readyz` reports them.
+async fn stored(imrelay: &Imrelay) -> (u64, u64) {
+    let (_, body) = imrelay.get("/readyz").await;
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    let count = |k: &str| {
+        ready["storage"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{body}"))
+    };
+    (count("pending"), count("dead_letters"))
+}
+
+/// Waits until the stored counts satisfy `done`; returns them.
+async fn wait_stored(
+    imrelay: &Imrelay,
+    what: &str,
+    done: impl Fn((u64, u64)) -> bool,
+) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts = stored(imrelay).await;
+        if done(counts) {
+            return counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: (pending, dead) = {counts:?}\n{}",
+            imrelay.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A workspace whose one rule forwards every callback to the destination `sink` at `url`.
+fn forwarding_all_to(url: &str, extra: &str) -> Workspace {
+    let ws = Workspace::new(&config_with_sink(url, extra));
+    ws.rule("all.rhai", FORWARD_ALL);
+    ws
+}
+
+/// Waits until nothing is pending or dead: every stored delivery got its 2xx.
+async fn all_delivered(imrelay: &Imrelay) {
+    wait_stored(imrelay, "every delivery to succeed", |(p, d)| {
+        p == 0 && d == 0
+    })
+    .await;
+}
+
+/// SIGTERM; imrelay must exit 0 within `within`.
+fn stop_cleanly(imrelay: &mut Imrelay, within: Duration) {
+    let asked = Instant::now();
+    let status = imrelay.terminate(within + Duration::from_secs(5));
+    let took = asked.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit 0: {status:?}\n{}",
+        imrelay.logs()
+    );
+    assert!(took < within, "took {took:?}");
+}
+
+/// A local address nothing listens on: a destination that is down.
+fn unused_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_loses_no_acknowledged_callback() {
+    let sink = Sink::start().await;
+    sink.set_default(503);
+    let ws = forwarding_all_to(&sink.url("/in"), "max_attempts = 1000");
+    let mut imrelay = ws.start();
+    post_messages(&imrelay, 0..100).await;
+    // They are waiting behind the failing sink, not delivered.
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    imrelay.kill9();
+
+    let failed = sink.count();
+    sink.set_default(200);
+    let imrelay = ws.start();
+    all_delivered(&imrelay).await;
+    let (ids, seqs) = ids_and_seqs(&sink.all()[failed..]);
+    assert_eq!(
+        ids.len(),
+        100,
+        "distinct events delivered after the restart"
+    );
+    assert_eq!(seqs, (0..100).collect());
+}
+
+/// kill -9 at a random moment of a busy stream (callbacks arriving, commits in progress,
+/// deliveries finishing): every callback that got its 200 is delivered, before or after.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_stream_loses_none_of_the_answered_callbacks() {
+    let sink = Sink::start().await;
+    let ws = forwarding_all_to(&sink.url("/in"), "");
+    let mut imrelay = ws.start();
+    let url = imrelay.url(&format!(
+        "/callback?SdkAppid=888888&CallbackCommand={MESSAGE}"
+    ));
+    let answered = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut posters = tokio::task::JoinSet::new();
+    for first in 0..16u64 {
+        let (client, url, answered) = (client(), url.clone(), answered.clone());
+        posters.spawn(async move {
+            // Until the connection is refused: imrelay is gone.
+            for n in (first..1_000).step_by(16) {
+                let Ok(r) = client.post(&url).body(message(n)).send().await else {
+                    return;
+                };
+                if r.status() == 200 {
+                    answered.lock().unwrap().insert(n);
+                }
+            }
+        });
+    }
+    eventually(Duration::from_secs(10), "150 answered callbacks", || {
+        (answered.lock().unwrap().len() >= 150).then_some(())
+    })
+    .await;
+    imrelay.kill9();
+    while posters.join_next().await.is_some() {}
+    let answered = answered.lock().unwrap().clone();
+    assert!(answered.len() < 1_000, "killed mid-stream");
+
+    let imrelay = ws.start();
+    all_delivered(&imrelay).await;
+    let (_, delivered) = ids_and_seqs(&sink.all());
+    let lost: Vec<_> = answered.difference(&delivered).collect();
+    assert!(
+        lost.is_empty(),
+        "answered 200 but never delivered: {lost:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_that_is_down_gets_everything_once_it_is_back() {
+    let addr = unused_addr();
+    let ws = forwarding_all_to(&format!("http://{addr}/in"), "max_attempts = 1000");
+    let imrelay = ws.start();
+    let down_since = Instant::now();
+    post_messages(&imrelay, 0..50).await;
+    // Several seconds of connection errors (and retries) before the destination comes back.
+    let down_for = Duration::from_secs(3);
+    tokio::time::sleep(down_for.saturating_sub(down_since.elapsed())).await;
+    assert_eq!(stored(&imrelay).await, (50, 0), "all waiting, none dead");
+
+    let sink = Sink::start_on(addr).await;
+    all_delivered(&imrelay).await;
+    let (ids, seqs) = ids_and_seqs(&sink.all());
+    assert_eq!(ids.len(), 50);
+    assert_eq!(seqs, (0..50).collect());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_after_server_errors_keep_the_webhook_id() {
+    let sink = Sink::start().await;
+    sink.answer(&[(500, None), (500, None)]);
+    let ws = forwarding_all_to(&sink.url("/in"), "");
+    let imrelay = ws.start();
+    post_messages(&imrelay, 0..1).await;
+    all_delivered(&imrelay).await;
+    let got = sink.all();
+    assert_eq!(got.len(), 3, "500, 500, then 200");
+    let ids: BTreeSet<&str> = got
+        .iter()
+        .map(|r| r.header("webhook-id").unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "one webhook-id across retries: {ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_error_is_dead_lettered_without_a_retry() {
+    let sink = Sink::start().await;
+    sink.answer(&[(400, None)]);
+    let ws = forwarding_all_to(&sink.url("/in"), "");
+    let imrelay = ws.start();
+    post_messages(&imrelay, 0..1).await;
+    // Once dead-lettered, nothing will try it again: the count below is final.
+    wait_stored(&imrelay, "the dead letter", |(p, d)| p == 0 && d == 1).await;
+    assert_eq!(sink.count(), 1, "a 400 is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_come_back_with_replay_which_refuses_a_live_data_folder() {
+    let sink = Sink::start().await;
+    sink.set_default(500);
+    let ws = forwarding_all_to(&sink.url("/in"), "max_attempts = 3");
+    let mut imrelay = ws.start();
+    post_messages(&imrelay, 0..1).await;
+    wait_stored(&imrelay, "the dead letter", |(p, d)| p == 0 && d == 1).await;
+    assert_eq!(sink.count(), 3, "max_attempts = 3");
+
+    // Beside the live server, replay refuses clearly and changes nothing.
+    let out = ws.command(&["replay"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+    assert!(stderr.contains("data"), "names the data folder: {stderr}");
+    assert_eq!(stored(&imrelay).await, (0, 1));
+    post_messages(&imrelay, 1..2).await;
+    wait_stored(&imrelay, "the second dead letter", |(p, d)| {
+        p == 0 && d == 2
+    })
+    .await;
+    assert_eq!(sink.count(), 6);
+
+    stop_cleanly(&mut imrelay, Duration::from_secs(5));
+    let out = ws.command(&["replay", "--destination", "elsewhere"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("moved 0 "));
+    let out = ws.command(&["replay"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first message and the second (dead-lettered after its own three attempts meanwhile).
+    assert!(stdout.contains("moved 2 "), "{stdout}");
+
+    let before = sink.count();
+    sink.set_default(200);
+    let imrelay = ws.start();
+    all_delivered(&imrelay).await;
+    let (ids, seqs) = ids_and_seqs(&sink.all()[before..]);
+    assert_eq!((ids.len(), seqs), (2, BTreeSet::from([0, 1])));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_callback_twice_is_delivered_once_even_across_a_restart() {
+    let sink = Sink::start().await;
+    let ws = forwarding_all_to(&sink.url("/in"), "");
+    let mut imrelay = ws.start();
+    post_messages(&imrelay, 7..8).await;
+    post_messages(&imrelay, 7..8).await;
+    // Nothing pending means every stored delivery has reached the sink.
+    wait_stored(&imrelay, "the delivery", |(p, _)| p == 0).await;
+    assert_eq!(sink.count(), 1);
+
+    stop_cleanly(&mut imrelay, Duration::from_secs(5));
+    let imrelay = ws.start();
+    post_messages(&imrelay, 7..8).await;
+    wait_stored(&imrelay, "the delivery", |(p, _)| p == 0).await;
+    assert_eq!(sink.count(), 1, "still once after a restart");
+}
+
+/// Posts `messages` to a sink that answers after `delay`, sends SIGTERM once the first
+/// delivery is under way (exit 0 within `within` required), restarts with the sink answering at
+/// once and waits until everything is delivered. Returns every request the sink got.
+async fn sigterm_mid_delivery(
+    delay: Duration,
+    grace_ms: u64,
+    messages: u64,
+    within: Duration,
+) -> Vec<Received> {
+    let sink = Sink::start().await;
+    sink.set_delay(delay);
+    let grace = format!("[server]\nshutdown_grace_ms = {grace_ms}");
+    let ws = forwarding_all_to(&sink.url("/in"), &grace);
+    let mut imrelay = ws.start();
+    post_messages(&imrelay, 0..messages).await;
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    stop_cleanly(&mut imrelay, within);
+
+    sink.set_delay(Duration::ZERO);
+    let imrelay = ws.start();
+    all_delivered(&imrelay).await;
+    sink.all()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_slow_delivery_exits_cleanly_and_loses_nothing() {
+    // More than one lane's concurrency (8): some are in flight, the rest wait. The in-flight
+    // ones finish (about 2 s) well within the grace (5 s).
+    let got = sigterm_mid_delivery(Duration::from_secs(2), 5000, 20, Duration::from_secs(4)).await;
+    let (ids, seqs) = ids_and_seqs(&got);
+    assert_eq!(ids.len(), 20);
+    assert_eq!(seqs, (0..20).collect());
+}
+
+/// A delivery that outlasts `shutdown_grace_ms` does not hold the exit: it is abandoned (not
+/// counted as an attempt) and sent again after the restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_gives_up_on_a_hung_delivery_after_the_grace_and_resends_it() {
+    // The attempt is still waiting for its answer when the grace (0.5 s) runs out.
+    let got = sigterm_mid_delivery(Duration::from_secs(30), 500, 1, Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 2, "sent again after the restart");
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_is_honoured() {
+    let sink = Sink::start().await;
+    // Retry-After (1 s) is longer than this destination's whole backoff (at most 400 ms).
+    sink.answer(&[(429, Some("1"))]);
+    let ws = forwarding_all_to(&sink.url("/in"), "");
+    let imrelay = ws.start();
+    post_messages(&imrelay, 0..1).await;
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    let first = Instant::now();
+    sink.wait_for(2, Duration::from_secs(10)).await;
+    let gap = first.elapsed();
+    assert!(gap >= Duration::from_millis(900), "retried after {gap:?}");
+    all_delivered(&imrelay).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_refuses_new_forwards_with_503_until_it_drains() {
+    let addr = unused_addr();
+    let ws = Workspace::new(&config_with_sink(
+        &format!("http://{addr}/in"),
+        "max_attempts = 1000\nmax_queue_bytes = 1",
+    ));
+    ws.rule(
+        "red-packets.rhai",
+        "if event.text.contains(\"red packet\") { forward(\"sink\"); }\n",
+    );
+    let imrelay = ws.start();
+    post_messages(&imrelay, 0..1).await;
+    let (status, answer) = imrelay.post(MESSAGE, &message(1)).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["ActionStatus"], "FAIL");
+    assert_ne!(answer["ErrorCode"], 0);
+    assert!(
+        answer["ErrorInfo"].as_str().unwrap().contains("full"),
+        "{answer}"
+    );
+    let (_, metrics) = imrelay.get("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("imrelay_queue_full_total{") && l.contains("sink")),
+        "{metrics}"
+    );
+    // A callback that forwards nothing is not held back by the full queue.
+    let quiet = String::from_utf8(message(2))
+        .unwrap()
+        .replace("red packet", "hello");
+    assert_eq!(imrelay.post(MESSAGE, quiet.as_bytes()).await.0, 200);
+
+    let sink = Sink::start_on(addr).await;
+    wait_stored(&imrelay, "the queue to drain", |(p, _)| p == 0).await;
+    post_messages(&imrelay, 1..2).await;
+    sink.wait_for(2, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deliveries_carry_a_valid_standard_webhooks_signature() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let sink = Sink::start().await;
+    let ws = forwarding_all_to(&sink.url("/in"), &format!("secret = \"{SECRET}\""));
+    let imrelay = ws.start();
+    post_messages(&imrelay, 0..1).await;
+    let got = sink.wait_for(1, Duration::from_secs(10)).await;
+    let r = &got[0];
+    let id = r.header("webhook-id").expect("webhook-id");
+    let timestamp = r.header("webhook-timestamp").expect("webhook-timestamp");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        now.abs_diff(timestamp.parse().unwrap()) < 300,
+        "{timestamp}"
+    );
+
+    let key = BASE64.decode(SECRET.trim_start_matches("whsec_")).unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(&r.body);
+    let expected = format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()));
+    let signatures = r.header("webhook-signature").expect("webhook-signature");
+    assert!(
+        signatures.split(' ').any(|s| s == expected),
+        "{signatures} has no {expected}"
+    );
+}

@@ -675,16 +675,17 @@ async fn a_rate_limited_destination_spreads_deliveries_and_drops_none() {
     assert_eq!(Format::Slack.default_rate_per_minute(), Some(60));
     assert_eq!(Format::Json.default_rate_per_minute(), None);
 
-    // 240 a minute: a burst of 20 (five seconds' worth), then one every 250 ms.
+    // 480 a minute: a burst of 3 (five seconds' worth would be 40; bursts are capped at 3),
+    // then one every 125 ms.
     let sink = Sink::start().await;
     // The extra lines land in the sink destination's table.
-    let ws = Workspace::new(&config_with_sink(&sink.url("/in"), "rate_per_minute = 240"));
+    let ws = Workspace::new(&config_with_sink(&sink.url("/in"), "rate_per_minute = 480"));
     ws.rule(
         "10-forward.rhai",
         "forward(\"sink\", #{ seq: event.seq });\n",
     );
     let imrelay = ws.start();
-    const N: i64 = 30;
+    const N: i64 = 20;
     for seq in 1..=N {
         assert_eq!(imrelay.post(SEND, &message(seq, json!({}))).await.0, 200);
     }
@@ -703,13 +704,13 @@ async fn a_rate_limited_destination_spreads_deliveries_and_drops_none() {
         .map_or(last, |(t, _)| *t);
     let span = last - first;
     assert!(
-        span >= Duration::from_millis(2000),
-        "30 deliveries at 4/s after a burst of 20 take 2.5 s, took {span:?}"
+        span >= Duration::from_millis(1800),
+        "20 deliveries at 8/s after a burst of 3 take 2.1 s, took {span:?}"
     );
     assert!(span < Duration::from_secs(10), "too slow: {span:?}");
-    // Never ahead of the bucket: 20 at once, then 4 a second (one sample of slack).
+    // Never ahead of the bucket: 3 at once, then 8 a second (one sample of slack).
     for (t, n) in &samples {
-        let allowed = 20.0 + 4.0 * t.saturating_duration_since(first).as_secs_f64() + 1.0;
+        let allowed = 3.0 + 8.0 * t.saturating_duration_since(first).as_secs_f64() + 1.0;
         assert!(
             (*n as f64) <= allowed,
             "{n} delivered after {:?}",

@@ -471,8 +471,11 @@ struct TokenBucket {
 }
 
 impl TokenBucket {
+    /// Bursts are five seconds' worth of the rate, but at most 3: a burst plus a second of
+    /// refill must stay within Lark's 5 a second (it allows 100 a minute), and Slack tolerates
+    /// only short bursts over its 1 a second.
     fn per_minute(rate: u32) -> TokenBucket {
-        let burst = (rate as f64 / 12.0).floor().max(1.0);
+        let burst = (rate as f64 / 12.0).floor().clamp(1.0, 3.0);
         TokenBucket {
             tokens: burst,
             burst,

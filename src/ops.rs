@@ -54,6 +54,18 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
             for (name, help) in METRICS_HELP {
                 metrics::describe_counter!(*name, *help);
             }
+            // A recorder built by hand (not `install`) never drains its histograms on its own:
+            // every observation would be kept until the next scrape, which is unbounded memory
+            // when nobody scrapes (~8 bytes per rule per callback). Drain them into their buckets
+            // every second, as `install` would.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("imrelay-metrics".into())
+                .stack_size(64 * 1024)
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    upkeep.run_upkeep();
+                });
             Some(handle)
         })
         .clone()

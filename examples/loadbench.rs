@@ -17,7 +17,8 @@
 //!
 //! "server CPU µs/req" is the server process's user + system time over the closed-loop phase
 //! divided by the requests it answered: unlike requests/s it hardly moves when other work shares
-//! the machine. `--imrelay PATH` runs another build (e.g. a copy of the binary before a change).
+//! the machine. `--imrelay PATH` runs another build (e.g. a copy of the binary before a change);
+//! `--workers N` gives the ceiling and imrelay N tokio worker threads (`TOKIO_WORKER_THREADS`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,9 @@ const QUERY_AFTER: &str =
 const QUERY_BEFORE: &str =
     "SdkAppid=888888&CallbackCommand=Group.CallbackBeforeSendMsg&contenttype=json";
 
+/// `--workers`, for every server started (the sink keeps its one thread).
+static WORKERS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
 /// Every request gets a new `Random`, unique across the whole run.
 static NEXT_RANDOM: AtomicU64 = AtomicU64::new(100_000_000);
 
@@ -55,6 +59,8 @@ struct Options {
     only: Option<String>,
     /// Only drive this already running server (closed loop), for profiling it.
     drive: Option<SocketAddr>,
+    /// Tokio worker threads for the servers under test (`TOKIO_WORKER_THREADS`); default: cores.
+    workers: Option<u64>,
 }
 
 impl Options {
@@ -70,6 +76,7 @@ impl Options {
             imrelay: examples.parent().expect("profile dir").join("imrelay"),
             only: None,
             drive: None,
+            workers: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -80,6 +87,7 @@ impl Options {
                 "--connections" => o.connections = num(&value()) as usize,
                 "--rate" => o.rate = num(&value()),
                 "--ready-runs" => o.ready_runs = num(&value()) as usize,
+                "--workers" => o.workers = Some(num(&value())),
                 "--imrelay" => {
                     let path = PathBuf::from(value());
                     o.imrelay = std::fs::canonicalize(&path).unwrap_or(path);
@@ -100,7 +108,7 @@ fn num(s: &str) -> u64 {
 fn usage(bad: &str) -> ! {
     eprintln!(
         "unexpected `{bad}`\nusage: loadbench [--duration SECS] [--warmup SECS] [--connections N] \
-         [--rate PER_SEC] [--ready-runs N] [--imrelay PATH] [--only NAME-SUBSTRING] [--drive ADDR]"
+         [--rate PER_SEC] [--ready-runs N] [--workers N] [--imrelay PATH] [--only NAME-SUBSTRING] [--drive ADDR]"
     );
     std::process::exit(2)
 }
@@ -331,6 +339,9 @@ struct Server {
 
 impl Server {
     fn start(mut command: Command, addr: SocketAddr, log: &Path) -> Server {
+        if let Some(workers) = WORKERS.get().copied().flatten() {
+            command.env("TOKIO_WORKER_THREADS", workers.to_string());
+        }
         let log = std::fs::File::create(log).expect("log file");
         let child = command
             .stdout(Stdio::null())
@@ -555,6 +566,17 @@ async fn run_scenario(opts: &Options, work: &Path, s: &Scenario) -> Outcome {
     let cpu_us = (server.cpu_seconds() - cpu_before) * 1e6 / closed.ok as f64;
     let fixed = fixed_rate(addr, &payload, opts.connections, opts.rate, opts.duration).await;
     let (_, peak_mb) = server.memory();
+    for (phase, p) in [("closed loop", &closed), ("fixed rate", &fixed)] {
+        eprintln!(
+            "  {phase}: {:.0}/s, ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+            p.rps(),
+            p.ms(0.5),
+            p.ms(0.9),
+            p.ms(0.99),
+            p.ms(0.999),
+            p.ms(1.0)
+        );
+    }
 
     let sink_check = match &sink {
         Some(sink) => {
@@ -626,6 +648,7 @@ fn mark(ok: bool) -> &'static str {
 
 fn main() {
     let opts = Options::parse();
+    let _ = WORKERS.set(opts.workers);
     assert!(
         opts.imrelay.exists(),
         "{} not found: build with `cargo build --release`",
@@ -754,13 +777,15 @@ fn print_report(opts: &Options, outcomes: &[Outcome], ready: &[Duration]) {
     println!();
     println!(
         "load: {} keep-alive connections from one client thread; closed loop {} s after {} s warm-up; \
-         fixed rate {}/s for {} s; {} cores",
+         fixed rate {}/s for {} s; {} cores; server worker threads: {}",
         opts.connections,
         opts.duration.as_secs(),
         opts.warmup.as_secs(),
         opts.rate,
         opts.duration.as_secs(),
-        cores
+        cores,
+        opts.workers
+            .map_or_else(|| "one per core (default)".to_string(), |w| w.to_string())
     );
     println!();
     println!(

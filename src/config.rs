@@ -354,7 +354,7 @@ impl Config {
         };
         let storage = StorageConfig {
             dir: raw.storage.dir.unwrap_or_else(|| "data".into()),
-            dedupe_window: Duration::from_secs(raw.storage.dedupe_window_secs.unwrap_or(3600)),
+            dedupe_window: Duration::from_secs(raw.storage.dedupe_window_secs.unwrap_or(600)),
             max_queue_bytes: raw.storage.max_queue_bytes.unwrap_or(256 * 1024 * 1024),
         };
 

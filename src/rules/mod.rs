@@ -39,7 +39,10 @@ struct RuleMetrics {
     runs: metrics::Counter,
     errors: metrics::Counter,
     overruns: metrics::Counter,
-    seconds: metrics::Histogram,
+    /// Total time, not a histogram: a histogram sample per rule per callback cost 11–15 % of
+    /// the CPU per callback and 4–10 MB of RSS in the load benchmark. Runs and total time give
+    /// the mean per rule; `imrelay_rules_duration_seconds` has the distribution per callback.
+    microseconds: metrics::Counter,
 }
 
 impl RuleMetrics {
@@ -49,7 +52,7 @@ impl RuleMetrics {
             runs: metrics::counter!("imrelay_rule_runs_total", "rule" => label.clone()),
             errors: metrics::counter!("imrelay_rule_errors_total", "rule" => label.clone()),
             overruns: metrics::counter!("imrelay_rule_budget_overruns_total", "rule" => label.clone()),
-            seconds: metrics::histogram!("imrelay_rule_duration_seconds", "rule" => label),
+            microseconds: metrics::counter!("imrelay_rule_duration_microseconds_total", "rule" => label),
         }
     }
 }
@@ -303,7 +306,9 @@ impl Rules {
                 let elapsed = began.elapsed();
                 if !trace {
                     rule.metrics.runs.increment(1);
-                    rule.metrics.seconds.record(elapsed.as_secs_f64());
+                    rule.metrics
+                        .microseconds
+                        .increment(elapsed.as_micros() as u64);
                 }
                 let error = match result {
                     Ok(()) => None,
@@ -342,6 +347,10 @@ impl Rules {
                 }
             }
         });
+        if !trace {
+            metrics::histogram!("imrelay_rules_duration_seconds")
+                .record(start.elapsed().as_secs_f64());
+        }
         for (rule, message) in &state.problems {
             failed = true;
             tracing::warn!(rule = %rule, "rule error: {message}");

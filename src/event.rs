@@ -128,7 +128,7 @@ impl Event {
             id,
             app_id: app_id.min(i64::MAX as u64) as i64,
             client_ip: query.client_ip.clone(),
-            platform: query.platform.clone(),
+            platform: platform(&query.platform),
             event_time: integer(&map, "EventTime"),
             group_id: string(&map, "GroupId"),
             group_type: string(&map, "Type"),
@@ -202,6 +202,20 @@ fn event_id(app_id: u64, command: &str, body: &[u8]) -> String {
     h.update(body);
     let digest = h.finalize();
     hex(&digest[..16])
+}
+
+/// Tencent's documented `OptPlatform` spellings. `State.StateChange` sends `IOS` where every
+/// other callback sends `iOS` (PROTOCOL.md §1.1): a value that matches one of these but for case
+/// takes the documented spelling, so a rule compares with one string. Others pass through.
+const PLATFORMS: &[&str] = &[
+    "RESTAPI", "Web", "Android", "iOS", "Windows", "macOS", "Mac", "iPad", "Linux", "Unknown",
+];
+
+fn platform(raw: &str) -> String {
+    PLATFORMS
+        .iter()
+        .find(|p| p.eq_ignore_ascii_case(raw))
+        .map_or_else(|| raw.to_string(), |p| p.to_string())
 }
 
 /// Lower-case hexadecimal.
@@ -340,6 +354,24 @@ mod tests {
         );
         // The query alone names the command when the body does not.
         assert_eq!(Event::from_callback(&q, b"{}", &[]).unwrap().command, "A.B");
+    }
+
+    #[test]
+    fn platform_case_is_made_consistent() {
+        let mut q = query("State.StateChange");
+        for (sent, seen) in [
+            ("IOS", "iOS"),
+            ("iOS", "iOS"),
+            ("web", "Web"),
+            ("Mac", "Mac"),
+            ("HarmonyOS", "HarmonyOS"),
+            ("", ""),
+        ] {
+            q.platform = sent.into();
+            let e = Event::from_callback(&q, br#"{"CallbackCommand":"State.StateChange"}"#, &[])
+                .unwrap();
+            assert_eq!(e.platform, seen);
+        }
     }
 
     #[test]

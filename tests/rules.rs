@@ -146,12 +146,13 @@ async fn custom_bodies_literal_urls_and_stop() {
             .0,
         200
     );
-    let got = sink.wait_for(4, Duration::from_secs(10)).await;
+    let got = sink.wait_for(5, Duration::from_secs(10)).await;
     let second: Vec<_> = got
         .iter()
         .filter(|r| r.text() == "second rule ran")
         .collect();
     assert_eq!(second.len(), 1);
+    // Nothing beyond those five turns up late.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sink.count(), 5, "2 from seq 7, 3 from seq 8");
 }
@@ -220,19 +221,7 @@ async fn two_hundred_concurrent_callbacks_make_two_hundred_forwards() {
     let ws = Workspace::new(&config_with_sink(&sink.url("/in"), ""));
     ws.rule("all.rhai", r#"forward("sink");"#);
     let imrelay = std::sync::Arc::new(ws.start());
-    let mut tasks = Vec::new();
-    for seq in 0..200 {
-        let imrelay = imrelay.clone();
-        tasks.push(tokio::spawn(async move {
-            imrelay
-                .post(SEND, &group_message(json!({"MsgSeq": seq})))
-                .await
-                .0
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    post_group_messages_at_once(&imrelay, 0..200).await;
     let got = sink.wait_for(200, Duration::from_secs(20)).await;
     let mut seqs: Vec<i64> = got
         .iter()
@@ -344,4 +333,63 @@ async fn check_reports_rule_and_config_problems_with_locations() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn literal_url_destinations_are_capped() {
+    let sink = Sink::start().await;
+    let ws = Workspace::new(&config_with_sink(&sink.url("/in"), ""));
+    // A new URL for every message: each would be a delivery lane of its own.
+    ws.rule(
+        "10-per-event-url.rhai",
+        &format!(
+            "forward(`{}?seq=${{event.seq}}`);\n",
+            sink.url("/per-event")
+        ),
+    );
+    let imrelay = std::sync::Arc::new(ws.start());
+    let limit = imrelay::deliver::MAX_URL_LANES as i64;
+    post_group_messages_at_once(&imrelay, 0..limit).await;
+    // One URL past the cap is refused as a whole, like a full queue: 503, nothing lost silently.
+    let (status, answer) = imrelay
+        .post(SEND, &group_message(json!({"MsgSeq": limit})))
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["ErrorInfo"]
+            .as_str()
+            .unwrap()
+            .contains("distinct literal URLs"),
+        "{answer}"
+    );
+    // A URL already in use still works.
+    assert_eq!(
+        imrelay
+            .post(SEND, &group_message(json!({"MsgSeq": 0, "Random": 7})))
+            .await
+            .0,
+        200
+    );
+    sink.wait_for(limit as usize + 1, Duration::from_secs(20))
+        .await;
+}
+
+/// Posts one group message per sequence number, all at once, and expects a 200 for each.
+async fn post_group_messages_at_once(
+    imrelay: &std::sync::Arc<Imrelay>,
+    seqs: std::ops::Range<i64>,
+) {
+    let mut tasks = Vec::new();
+    for seq in seqs {
+        let imrelay = imrelay.clone();
+        tasks.push(tokio::spawn(async move {
+            imrelay
+                .post(SEND, &group_message(json!({"MsgSeq": seq})))
+                .await
+                .0
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
 }

@@ -23,6 +23,10 @@ use crate::config::{DestinationConfig, Format, StorageConfig, STDOUT_DESTINATION
 use crate::outbox::{now_ms, Attempt, Outbox, Queued, Row, StoreError};
 use policy::{Backoff, Outcome};
 
+/// Each distinct literal URL a rule forwards to gets a lane (a task) that lives as long as the
+/// process: a rule building a new URL per event would otherwise grow tasks without bound.
+pub const MAX_URL_LANES: usize = 256;
+
 pub const USER_AGENT: &str = concat!("imrelay/", env!("CARGO_PKG_VERSION"));
 
 /// How long a delivery waits when its row could not be read (storage is being reopened). Not
@@ -34,6 +38,8 @@ const STORAGE_WAIT: Duration = Duration::from_secs(1);
 pub enum AdmitError {
     #[error("the queue for destination `{0}` is full")]
     QueueFull(String),
+    #[error("forwards already go to {MAX_URL_LANES} distinct literal URLs; `{0}` would be one more (name the destination in the config, or use fewer distinct URLs)")]
+    TooManyUrls(String),
     #[error("no destination named `{0}`")]
     Unknown(String),
 }
@@ -114,9 +120,7 @@ impl Dispatcher {
         destinations: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), AdmitError> {
         for name in destinations {
-            let lane = self
-                .lane(name)
-                .ok_or_else(|| AdmitError::Unknown(name.into()))?;
+            let lane = self.lane(name)?;
             if lane.queued_bytes.load(Ordering::Relaxed) >= lane.cap {
                 metrics::counter!("imrelay_queue_full_total", "destination" => name.to_string())
                     .increment(1);
@@ -131,20 +135,20 @@ impl Dispatcher {
     pub fn schedule(&self, queued: Vec<(String, Queued)>) {
         for (name, q) in queued {
             match self.lane(&name) {
-                Some(lane) => {
+                Ok(lane) => {
                     lane.queued_bytes.fetch_add(q.size, Ordering::Relaxed);
                     let _ = lane.jobs.send(q);
                 }
-                None => {
-                    // Stored for a destination that is no longer configured: park it where
-                    // `imrelay replay` can bring it back once it is.
-                    tracing::warn!(destination = %name, seq = q.seq, "stored delivery for a destination that is not configured: dead-lettered");
+                Err(e) => {
+                    // Stored for a destination that is no longer configured (or one URL too
+                    // many): park it where `imrelay replay` can bring it back.
+                    tracing::warn!(destination = %name, seq = q.seq, "stored delivery cannot be scheduled: dead-lettered: {e}");
                     self.inner.outbox.dead_letter(
                         q.seq,
                         Attempt {
                             at_ms: now_ms(),
                             status: 0,
-                            error: format!("destination `{name}` is not configured"),
+                            error: e.to_string(),
                         },
                     );
                 }
@@ -152,12 +156,18 @@ impl Dispatcher {
         }
     }
 
-    fn lane(&self, name: &str) -> Option<Lane> {
+    fn lane(&self, name: &str) -> Result<Lane, AdmitError> {
         let mut lanes = self.inner.lanes.lock().expect("lanes lock");
         if let Some(lane) = lanes.get(name) {
-            return Some(lane.clone());
+            return Ok(lane.clone());
         }
-        let config = self.destination(name)?;
+        let config = self
+            .destination(name)
+            .ok_or_else(|| AdmitError::Unknown(name.into()))?;
+        let literal = |n: &str| n != STDOUT_DESTINATION && !self.inner.destinations.contains_key(n);
+        if literal(name) && lanes.keys().filter(|k| literal(k)).count() >= MAX_URL_LANES {
+            return Err(AdmitError::TooManyUrls(name.into()));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let lane = Lane {
             jobs: tx,
@@ -177,7 +187,7 @@ impl Dispatcher {
         let handle = tokio::spawn(worker.run(rx, self.inner.stop.subscribe()));
         self.inner.tasks.lock().expect("tasks lock").push(handle);
         lanes.insert(name.to_string(), lane.clone());
-        Some(lane)
+        Ok(lane)
     }
 
     /// Stops starting attempts, lets in-flight ones finish within the grace period, and waits

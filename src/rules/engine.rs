@@ -420,6 +420,17 @@ pub(crate) fn marks() -> Marks {
     .expect("called while rules run")
 }
 
+/// Hands the rules the event as a Rhai value (built once per callback, when the first rule
+/// that needs it runs).
+pub(crate) fn set_event(event: Dynamic) {
+    let _ = with_state(|s| s.event = event);
+}
+
+/// True once a rule rewrote the message or its custom data in this evaluation.
+pub(crate) fn rewritten() -> bool {
+    with_state(|s| s.rewrite_elements.is_some() || s.rewrite_custom_data.is_some()).unwrap_or(false)
+}
+
 pub(crate) fn is_stopped() -> bool {
     with_state(|s| s.stopped).unwrap_or(false)
 }

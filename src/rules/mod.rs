@@ -6,6 +6,7 @@
 //! for a reload.
 
 mod engine;
+pub mod guard;
 pub mod reload;
 pub mod tests;
 
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use rhai::{Engine, EvalAltResult, Scope, AST};
+use rhai::{Dynamic, Engine, EvalAltResult, Scope, AST};
 use sha2::{Digest, Sha256};
 
 pub use engine::{Action, Forward, ForwardBody};
@@ -31,6 +32,8 @@ pub struct Rule {
     pub path: PathBuf,
     digest: [u8; 32],
     ast: AST,
+    /// Checked natively before running the rule, when its shape allows (see [`guard`]).
+    guard: Option<guard::Guard>,
     pub loaded_at: SystemTime,
     metrics: RuleMetrics,
 }
@@ -215,6 +218,7 @@ impl Rules {
                     name: name.into(),
                     path,
                     digest,
+                    guard: guard::Guard::of(&ast),
                     ast,
                     loaded_at: SystemTime::now(),
                 })),
@@ -260,25 +264,12 @@ impl Rules {
             CommandKind::After => None,
             _ => Some(start + budget),
         };
-        // Converted once per callback and shared by every rule (cloning the handle, not the
-        // map). Read-only inside, so a rule cannot change what later rules see; only `rewrite`
-        // does, from Rust.
-        let shared = match rhai::serde::to_dynamic(event) {
-            Ok(d) => d.into_read_only().into_shared(),
-            Err(e) => {
-                tracing::error!(error = %e, "event could not be handed to the rules");
-                return Evaluation {
-                    failed: true,
-                    ..Evaluation::default()
-                };
-            }
-        };
         let state = RunState {
             rule: Arc::from(""),
             kind,
             command_is_c2c: event.command.starts_with("C2C."),
             deadline: start + budget,
-            event: shared.clone(),
+            event: Dynamic::UNIT,
             forwards: Vec::new(),
             logs: Vec::new(),
             problems: Vec::new(),
@@ -288,6 +279,11 @@ impl Rules {
             rewrite_custom_data: None,
             refused_members: Vec::new(),
         };
+        // The event as a Rhai value: built once per callback, when the first rule that is not
+        // skipped by its guard runs, and shared by every rule after it (cloning the handle, not
+        // the map). Read-only inside, so a rule cannot change what later rules see; only
+        // `rewrite` does, from Rust.
+        let mut shared: Option<Dynamic> = None;
         let mut failed = false;
         let mut reports = Vec::new();
         let ((), state) = engine::with_run_state(state, || {
@@ -298,11 +294,33 @@ impl Rules {
                     Some(end) => end.min(began + budget),
                     None => began + budget,
                 };
-                engine::enter_rule(&rule.name, deadline);
-                let marks = engine::marks();
-                scope.rewind(0);
-                scope.push_constant_dynamic("event", shared.clone());
-                let result = self.engine.run_ast_with_scope(&mut scope, &rule.ast);
+                let marks = trace.then(engine::marks);
+                // A guard reads the event as Tencent sent it, so not after a rewrite.
+                let skipped =
+                    rule.guard.as_ref().is_some_and(|g| g.skips(event)) && !engine::rewritten();
+                let result = if skipped {
+                    Ok(())
+                } else {
+                    let event_value = match &shared {
+                        Some(d) => d.clone(),
+                        None => match rhai::serde::to_dynamic(event) {
+                            Ok(d) => {
+                                let d = d.into_read_only().into_shared();
+                                engine::set_event(d.clone());
+                                shared.insert(d).clone()
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "event could not be handed to the rules");
+                                failed = true;
+                                break;
+                            }
+                        },
+                    };
+                    engine::enter_rule(&rule.name, deadline);
+                    scope.rewind(0);
+                    scope.push_constant_dynamic("event", event_value);
+                    self.engine.run_ast_with_scope(&mut scope, &rule.ast)
+                };
                 let elapsed = began.elapsed();
                 if !trace {
                     rule.metrics.runs.increment(1);
@@ -335,7 +353,7 @@ impl Rules {
                     tracing::warn!(rule = %rule.name, "rule failed: {message}");
                 }
                 let stopped = engine::is_stopped();
-                if trace {
+                if let Some(marks) = marks {
                     reports.push(engine::report(rule, marks, error, stopped, elapsed));
                 }
                 if stopped {

@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -109,12 +108,6 @@ fn stop_cleanly(imrelay: &mut Imrelay, within: Duration) {
     assert!(took < within, "took {took:?}");
 }
 
-/// A local address nothing listens on: a destination that is down.
-fn unused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_loses_no_acknowledged_callback() {
     let sink = Sink::start().await;
@@ -186,8 +179,8 @@ async fn kill_9_mid_stream_loses_none_of_the_answered_callbacks() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_that_is_down_gets_everything_once_it_is_back() {
-    let addr = unused_addr();
-    let ws = forwarding_all_to(&format!("http://{addr}/in"), "max_attempts = 1000");
+    let down = DownAddr::reserve();
+    let ws = forwarding_all_to(&down.url("/in"), "max_attempts = 1000");
     let imrelay = ws.start();
     let down_since = Instant::now();
     post_messages(&imrelay, 0..50).await;
@@ -196,7 +189,7 @@ async fn a_destination_that_is_down_gets_everything_once_it_is_back() {
     tokio::time::sleep(down_for.saturating_sub(down_since.elapsed())).await;
     assert_eq!(stored(&imrelay).await, (50, 0), "all waiting, none dead");
 
-    let sink = Sink::start_on(addr).await;
+    let sink = Sink::start_on_down(down);
     all_delivered(&imrelay).await;
     let (ids, seqs) = ids_and_seqs(&sink.all());
     assert_eq!(ids.len(), 50);
@@ -357,9 +350,9 @@ async fn retry_after_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_refuses_new_forwards_with_503_until_it_drains() {
-    let addr = unused_addr();
+    let down = DownAddr::reserve();
     let ws = Workspace::new(&config_with_sink(
-        &format!("http://{addr}/in"),
+        &down.url("/in"),
         "max_attempts = 1000\nmax_queue_bytes = 1",
     ));
     ws.rule(
@@ -389,7 +382,7 @@ async fn a_full_queue_refuses_new_forwards_with_503_until_it_drains() {
         .replace("red packet", "hello");
     assert_eq!(imrelay.post(MESSAGE, quiet.as_bytes()).await.0, 200);
 
-    let sink = Sink::start_on(addr).await;
+    let sink = Sink::start_on_down(down);
     wait_stored(&imrelay, "the queue to drain", |(p, _)| p == 0).await;
     post_messages(&imrelay, 1..2).await;
     sink.wait_for(2, Duration::from_secs(10)).await;

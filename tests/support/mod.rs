@@ -105,17 +105,26 @@ impl Sink {
         Sink::start_on("127.0.0.1:0".parse().unwrap()).await
     }
 
-    /// Starts on a given address (to bring a "down" destination back on its old port).
+    /// Starts on a given address.
     pub async fn start_on(addr: SocketAddr) -> Sink {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("sink binds");
+        Sink::serve(listener)
+    }
+
+    /// Brings a destination that was down up on its port (which it kept all along).
+    pub fn start_on_down(down: DownAddr) -> Sink {
+        Sink::serve(down.socket.listen(1024).expect("sink listens"))
+    }
+
+    fn serve(listener: tokio::net::TcpListener) -> Sink {
         let all = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(Script {
             answers: VecDeque::new(),
             default_status: 200,
             delay: Duration::ZERO,
         }));
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .expect("sink binds");
         let addr = listener.local_addr().unwrap();
         let (all2, script2) = (all.clone(), script.clone());
         let route = warp::any()
@@ -219,6 +228,30 @@ impl Sink {
         if let Some(tx) = self.stop.lock().unwrap().take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// A local address where a destination is down: the port is bound but not listening, so
+/// connections to it are refused. The port stays taken until [`Sink::start_on_down`] listens
+/// on it: a port merely found free and released could meanwhile be given to any other socket
+/// bound to port 0 (a sink or an imrelay of a test running alongside), and the "down"
+/// destination would answer.
+pub struct DownAddr {
+    socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl DownAddr {
+    pub fn reserve() -> DownAddr {
+        // No SO_REUSEADDR: no other socket can bind this port while it is held.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        DownAddr { socket, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
     }
 }
 

@@ -197,11 +197,11 @@ async fn require_tests_refuses_a_reload_that_breaks_a_test() {
         why.contains("rule test \"a red packet in a public group is forwarded\" fails: forwards[0].body.text: expected \"red packet\", got \"(hidden)\""),
         "{why}"
     );
-    assert!(
-        imrelay.logs().contains("reload refused"),
-        "{}",
-        imrelay.logs()
-    );
+    // Logged before it is published, but stderr is read on a thread of the test's own.
+    eventually(Duration::from_secs(5), "the refusal in the log", || {
+        imrelay.logs().contains("reload refused").then_some(())
+    })
+    .await;
     let (_, metrics) = imrelay.get("/metrics").await;
     assert_eq!(
         sample(
@@ -497,8 +497,13 @@ async fn redacted_logs_hide_text_and_account_ids() {
         403
     );
     sink.wait_for(1, Duration::from_secs(10)).await;
-    let logs = imrelay.logs();
-    assert!(logs.contains("callback refused"), "{logs}");
+    // imrelay logs the refusal before answering, but the test reads its stderr on a thread of
+    // its own: wait for the line. Every line before it (the accepted callback's) is in by then.
+    let logs = eventually(Duration::from_secs(5), "the refusal in the log", || {
+        let logs = imrelay.logs();
+        logs.contains("callback refused").then_some(logs)
+    })
+    .await;
     for secret in ["acct_sender_7f3a", "acct_operator_7f3a", "private words 42"] {
         assert!(!logs.contains(secret), "`{secret}` in the log:\n{logs}");
     }

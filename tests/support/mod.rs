@@ -61,6 +61,8 @@ pub struct Received {
     pub query: String,
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
+    /// When the sink got it: timing checks use this rather than when a polling test noticed.
+    pub at: Instant,
 }
 
 impl Received {
@@ -146,6 +148,7 @@ impl Sink {
                             (s.delay, answer)
                         };
                         all.lock().unwrap().push(Received {
+                            at: Instant::now(),
                             path: path.as_str().to_string(),
                             query,
                             headers: headers

@@ -375,7 +375,15 @@ async fn metrics_move_with_callbacks_rules_reloads_and_deliveries() {
                 &m,
                 "imrelay_deliveries_total",
                 &["destination=\"sink\"", "outcome=\"delivered\""],
-            ) == Some(4.0);
+            ) == Some(4.0)
+            // Each of these moves just after the ones above (the dead-letter count when its
+            // commit lands, the depth on the lane's next turn): wait for them too.
+            && sample(
+                &m,
+                "imrelay_deliveries_total",
+                &["destination=\"refusing\"", "outcome=\"dead\""],
+            ) == Some(4.0)
+            && sample(&m, "imrelay_queue_depth", &["destination=\"sink\""]) == Some(0.0);
         all.then_some(m)
     })
     .await;

@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use imrelay::config::{Config, LogFormat, Overrides};
 
+/// mimalloc instead of glibc's allocator: the callback path allocates many small, short-lived
+/// strings and maps (the event, the Rhai values); see README, "Dependencies".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "imrelay",

@@ -113,6 +113,20 @@ fn usage(bad: &str) -> ! {
     std::process::exit(2)
 }
 
+/// Marks where the fixture's `EventTime` was, to be filled with the time of each request.
+const EVENT_TIME: &str = "__EVENT_TIME__";
+
+/// The fixture's `EventTime` (from Tencent's documentation, years old) replaced by a slot for
+/// the current time, as in live callbacks: imrelay keys its dedupe records by the event's time.
+fn with_event_time_slot(text: &str) -> String {
+    let key = "\"EventTime\":\"";
+    let Some(at) = text.find(key).map(|i| i + key.len()) else {
+        return text.to_string();
+    };
+    let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
+    format!("{}{EVENT_TIME}{}", &text[..at], &text[at + digits..])
+}
+
 /// A callback body with a slot for a distinct `Random`.
 #[derive(Clone)]
 struct Payload {
@@ -128,6 +142,7 @@ impl Payload {
             .join(fixture);
         let text =
             std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text = with_event_time_slot(&text);
         let slot = "\"Random\": 123456";
         let at = text
             .find(slot)
@@ -141,7 +156,15 @@ impl Payload {
 
     fn body(&self) -> Bytes {
         let n = NEXT_RANDOM.fetch_add(1, Ordering::Relaxed);
-        Bytes::from(format!("{}{n}{}", self.before, self.after))
+        let body = format!("{}{n}{}", self.before, self.after);
+        if !body.contains(EVENT_TIME) {
+            return Bytes::from(body);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis();
+        Bytes::from(body.replacen(EVENT_TIME, &now.to_string(), 1))
     }
 }
 

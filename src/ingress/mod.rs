@@ -250,7 +250,12 @@ async fn queue(app: &App, event: &Event, evaluation: &Evaluation) -> Result<(), 
     app.dispatcher
         .admit(deliveries.iter().map(|d| d.destination.as_str()))
         .map_err(|e| unavailable(e.to_string()))?;
-    match app.outbox.enqueue(event.id.clone(), deliveries).await {
+    let event_time = u64::try_from(event.event_time).unwrap_or(0);
+    match app
+        .outbox
+        .enqueue(event.id.clone(), event_time, deliveries)
+        .await
+    {
         Ok(Enqueued::Stored(queued)) => {
             app.dispatcher.schedule(queued);
             Ok(())

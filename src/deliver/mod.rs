@@ -181,6 +181,7 @@ impl Dispatcher {
                     .expect("static backoff")
             }),
             bucket: config.rate_per_minute.map(TokenBucket::per_minute),
+            metrics: LaneMetrics::new(&config.name),
             config,
             queued_bytes: lane.queued_bytes.clone(),
         };
@@ -218,6 +219,27 @@ struct Worker {
     backoff: Backoff,
     bucket: Option<TokenBucket>,
     queued_bytes: Arc<AtomicU64>,
+    metrics: LaneMetrics,
+}
+
+/// A lane's metric handles, looked up once instead of once per delivery.
+struct LaneMetrics {
+    delivered: metrics::Counter,
+    retried: metrics::Counter,
+    dead: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl LaneMetrics {
+    fn new(destination: &str) -> LaneMetrics {
+        let outcome = |outcome: &'static str| metrics::counter!("imrelay_deliveries_total", "destination" => destination.to_string(), "outcome" => outcome);
+        LaneMetrics {
+            delivered: outcome("delivered"),
+            retried: outcome("retry"),
+            dead: outcome("dead"),
+            duration: metrics::histogram!("imrelay_delivery_duration_seconds", "destination" => destination.to_string()),
+        }
+    }
 }
 
 /// Due order: earliest first, then oldest.
@@ -326,14 +348,13 @@ impl Worker {
     /// Records an attempt's outcome; returns the job again when it is to be retried.
     fn settle(&mut self, job: Queued, outcome: Outcome, took: Duration) -> Option<Due> {
         let name = &self.config.name;
-        metrics::histogram!("imrelay_delivery_duration_seconds", "destination" => name.clone())
-            .record(took.as_secs_f64());
+        self.metrics.duration.record(took.as_secs_f64());
         let outbox = &self.inner.outbox;
         let (status, error, retry_after) = match outcome {
             Outcome::Delivered => {
                 outbox.done(job.seq);
                 self.queued_bytes.fetch_sub(job.size, Ordering::Relaxed);
-                count(name, "delivered");
+                self.metrics.delivered.increment(1);
                 return None;
             }
             Outcome::Retry {
@@ -354,23 +375,18 @@ impl Worker {
                 let next = now_ms() + self.backoff.delay(job.attempts, after).as_millis() as u64;
                 tracing::debug!(destination = %name, seq = job.seq, attempts, error = %attempt.error, "delivery failed; will retry");
                 outbox.retry(job.seq, attempt, next);
-                count(name, "retry");
+                self.metrics.retried.increment(1);
                 Some(Reverse((next, job.seq, attempts, job.size)))
             }
             _ => {
                 tracing::warn!(destination = %name, seq = job.seq, attempts, error = %attempt.error, "delivery dead-lettered");
                 outbox.dead_letter(job.seq, attempt);
                 self.queued_bytes.fetch_sub(job.size, Ordering::Relaxed);
-                count(name, "dead");
+                self.metrics.dead.increment(1);
                 None
             }
         }
     }
-}
-
-fn count(destination: &str, outcome: &'static str) {
-    metrics::counter!("imrelay_deliveries_total", "destination" => destination.to_string(), "outcome" => outcome)
-        .increment(1);
 }
 
 /// One attempt: read the stored delivery, send it, classify the answer. An error means the

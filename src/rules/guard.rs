@@ -3,8 +3,11 @@
 //! to a small Rust tree and checked on the [`Event`] itself; when it is certainly false, the
 //! rule is skipped without entering Rhai, which costs 0.3–1 µs per rule and call.
 //!
-//! A guard is built only for a rule whose every top-level statement is an `if` without `else`,
-//! and it skips the rule only when every condition is *known* false. A condition is known when
+//! A guard is built only for a rule whose top-level statements are `if`s without `else`,
+//! `let`/`const` lists of string literals, and `for` loops over such a list or over
+//! `event.elements` whose body is one `if` without `else` (on the loop variable: the string,
+//! or the element's `type`). It skips the rule only when every condition is *known* false, for
+//! every item of every loop. A condition is known when
 //! it is made of what this module understands: `event.<field>`, string, integer and boolean
 //! literals, `==` `!=` (same types), `<` `<=` `>` `>=` (integers), `!`, `&&`, `||`, and on a
 //! string field `contains`, `starts_with`, `ends_with` (with a string), `len`, `is_empty`.
@@ -14,14 +17,46 @@
 //! never behaviour; `guard_agrees_with_rhai` in the tests checks that claim on generated
 //! conditions.
 
+use std::collections::HashMap;
+
 use rhai::{ASTFlags, Expr, Stmt, AST};
 
-use crate::event::Event;
+use crate::event::{Element, Event};
 
-/// The conditions of a rule's top-level `if` statements.
+/// The conditions of a rule's top-level statements.
 #[derive(Debug)]
 pub struct Guard {
-    conditions: Vec<Node>,
+    checks: Vec<Check>,
+}
+
+#[derive(Debug)]
+enum Check {
+    /// `if condition { … }`
+    If(Node),
+    /// `for item in items { if condition { … } }`
+    ForEach { items: Items, condition: Node },
+}
+
+#[derive(Debug)]
+enum Items {
+    Strings(Vec<Box<str>>),
+    Elements,
+}
+
+/// The loop variable a condition may use, by name.
+#[derive(Debug, Clone, Copy)]
+enum Scope<'a> {
+    Top,
+    String(&'a str),
+    Element(&'a str),
+}
+
+/// The current item of a loop while its condition is evaluated.
+#[derive(Debug, Clone, Copy)]
+enum Item<'a> {
+    None,
+    Str(&'a str),
+    Element(&'a Element),
 }
 
 impl Guard {
@@ -31,23 +66,100 @@ impl Guard {
         if ast.has_functions() {
             return None;
         }
-        let mut conditions = Vec::new();
+        let mut lists: HashMap<&str, Vec<Box<str>>> = HashMap::new();
+        let mut checks = Vec::new();
         for stmt in ast.statements() {
             match stmt {
                 Stmt::If(flow, _) if flow.branch.is_empty() => {
-                    conditions.push(Node::compile(&flow.expr)?)
+                    checks.push(Check::If(Node::compile(&flow.expr, Scope::Top)?))
+                }
+                Stmt::Var(var, flags, _)
+                    if !flags.contains(ASTFlags::EXPORTED) && var.0.name.as_str() != "event" =>
+                {
+                    lists.insert(var.0.name.as_str(), string_list(&var.1)?);
+                }
+                Stmt::For(for_loop, _) => {
+                    let (name, counter, flow) = &**for_loop;
+                    let name = name.name.as_str();
+                    if counter.is_some() || name == "event" {
+                        return None;
+                    }
+                    let items = match &flow.expr {
+                        Expr::Variable(v, _, _) if v.2.is_empty() => {
+                            Items::Strings(lists.get(v.1.as_str())?.clone())
+                        }
+                        Expr::Dot(chain, flags, _)
+                            if *flags == ASTFlags::NONE
+                                && is_event(&chain.lhs)
+                                && matches!(&chain.rhs, Expr::Property(p, _) if p.2.as_str() == "elements") =>
+                        {
+                            Items::Elements
+                        }
+                        other => Items::Strings(string_list(other)?),
+                    };
+                    let [Stmt::If(inner, _)] = flow.body.statements() else {
+                        return None;
+                    };
+                    if !inner.branch.is_empty() {
+                        return None;
+                    }
+                    let scope = match items {
+                        Items::Strings(_) => Scope::String(name),
+                        Items::Elements => Scope::Element(name),
+                    };
+                    let condition = Node::compile(&inner.expr, scope)?;
+                    checks.push(Check::ForEach { items, condition });
                 }
                 _ => return None,
             }
         }
-        Some(Guard { conditions })
+        Some(Guard { checks })
     }
 
     /// True when running the rule on `event` would certainly do nothing.
     pub fn skips(&self, event: &Event) -> bool {
-        self.conditions
+        let false_for = |c: &Node, item| matches!(c.eval(event, item), Some(Val::Bool(false)));
+        self.checks.iter().all(|check| match check {
+            Check::If(c) => false_for(c, Item::None),
+            Check::ForEach {
+                items: Items::Strings(list),
+                condition,
+            } => list.iter().all(|s| false_for(condition, Item::Str(s))),
+            Check::ForEach {
+                items: Items::Elements,
+                condition,
+            } => event
+                .elements
+                .iter()
+                .all(|el| false_for(condition, Item::Element(el))),
+        })
+    }
+}
+
+/// `event` itself (not a variable of that name from a module).
+fn is_event(expr: &Expr) -> bool {
+    matches!(expr, Expr::Variable(var, _, _) if var.1.as_str() == "event" && var.2.is_empty())
+}
+
+/// A list of string literals: `["a", "b"]`, as written or as folded by the optimizer.
+fn string_list(expr: &Expr) -> Option<Vec<Box<str>>> {
+    match expr {
+        Expr::Array(items, _) => items
             .iter()
-            .all(|c| matches!(c.eval(event), Some(Val::Bool(false))))
+            .map(|e| match e {
+                Expr::StringConstant(s, _) => Some(s.as_str().into()),
+                _ => None,
+            })
+            .collect(),
+        Expr::DynamicConstant(value, _) => value
+            .read_lock::<rhai::Array>()?
+            .iter()
+            .map(|v| {
+                v.read_lock::<rhai::ImmutableString>()
+                    .map(|s| s.as_str().into())
+            })
+            .collect(),
+        _ => None,
     }
 }
 
@@ -61,6 +173,10 @@ pub enum Val<'a> {
 
 #[derive(Debug)]
 enum Node {
+    /// The current string of a `for` over a list.
+    Item,
+    /// The `type` of the current element of a `for` over `event.elements`.
+    ItemType,
     Str(Box<str>),
     Int(i64),
     Bool(bool),
@@ -174,17 +290,40 @@ impl Field {
 }
 
 impl Node {
-    fn compile(expr: &Expr) -> Option<Node> {
+    fn compile(expr: &Expr, scope: Scope) -> Option<Node> {
+        let compile = |e: &Expr| Node::compile(e, scope);
+        let loop_var = |e: &Expr| match (e, scope) {
+            (Expr::Variable(var, _, _), Scope::String(name) | Scope::Element(name)) => {
+                var.1.as_str() == name && var.2.is_empty()
+            }
+            _ => false,
+        };
+        let element_var = |e: &Expr| matches!(scope, Scope::Element(_)) && loop_var(e);
         Some(match expr {
+            e if loop_var(e) && matches!(scope, Scope::String(_)) => Node::Item,
+            // `item["type"]`
+            Expr::Index(index, flags, _)
+                if (*flags - ASTFlags::BREAK).is_empty()
+                    && element_var(&index.lhs)
+                    && matches!(&index.rhs, Expr::StringConstant(k, _) if k.as_str() == "type") =>
+            {
+                Node::ItemType
+            }
+            // `item.type`
+            Expr::Dot(chain, flags, _)
+                if *flags == ASTFlags::NONE
+                    && element_var(&chain.lhs)
+                    && matches!(&chain.rhs, Expr::Property(p, _) if p.2.as_str() == "type") =>
+            {
+                Node::ItemType
+            }
             Expr::StringConstant(s, _) => Node::Str(s.as_str().into()),
             Expr::IntegerConstant(i, _) => Node::Int(*i),
             Expr::BoolConstant(b, _) => Node::Bool(*b),
-            Expr::And(items, _) => {
-                Node::And(items.iter().map(Node::compile).collect::<Option<_>>()?)
-            }
-            Expr::Or(items, _) => Node::Or(items.iter().map(Node::compile).collect::<Option<_>>()?),
+            Expr::And(items, _) => Node::And(items.iter().map(compile).collect::<Option<_>>()?),
+            Expr::Or(items, _) => Node::Or(items.iter().map(compile).collect::<Option<_>>()?),
             Expr::FnCall(call, _) if call.op_token.is_some() && call.namespace.is_empty() => {
-                let arg = |i: usize| call.args.get(i).and_then(Node::compile).map(Box::new);
+                let arg = |i: usize| call.args.get(i).and_then(compile).map(Box::new);
                 match (call.name.as_str(), call.args.len()) {
                     ("!", 1) => Node::Not(arg(0)?),
                     (op, 2) => {
@@ -202,16 +341,17 @@ impl Node {
                     _ => return None,
                 }
             }
-            Expr::Dot(chain, flags, _) if *flags == ASTFlags::NONE => Node::event_chain(chain)?,
+            Expr::Dot(chain, flags, _) if *flags == ASTFlags::NONE => {
+                Node::event_chain(chain, scope)?
+            }
             _ => return None,
         })
     }
 
     /// `event.field`, `event.field.len` / `.is_empty`, or `event.field.method(args)`.
-    fn event_chain(chain: &rhai::BinaryExpr) -> Option<Node> {
-        match &chain.lhs {
-            Expr::Variable(var, _, _) if var.1.as_str() == "event" && var.2.is_empty() => {}
-            _ => return None,
+    fn event_chain(chain: &rhai::BinaryExpr, scope: Scope) -> Option<Node> {
+        if !is_event(&chain.lhs) {
+            return None;
         }
         let field = |e: &Expr| match e {
             Expr::Property(p, _) => Field::named(p.2.as_str()).map(Node::Field),
@@ -228,13 +368,16 @@ impl Node {
                         _ => None,
                     },
                     Expr::MethodCall(call, _) if call.namespace.is_empty() => {
-                        let args: Vec<Node> =
-                            call.args.iter().map(Node::compile).collect::<Option<_>>()?;
+                        let args: Vec<Node> = call
+                            .args
+                            .iter()
+                            .map(|a| Node::compile(a, scope))
+                            .collect::<Option<_>>()?;
                         let mut args = args.into_iter();
                         match (call.name.as_str(), args.next(), args.next()) {
                             ("len", None, None) => Some(Node::Len(receiver)),
                             ("is_empty", None, None) => Some(Node::IsEmpty(receiver)),
-                            (name, Some(arg @ Node::Str(_)), None) => {
+                            (name, Some(arg @ (Node::Str(_) | Node::Item)), None) => {
                                 let test = match name {
                                     "contains" => Test::Contains,
                                     "starts_with" => Test::StartsWith,
@@ -254,22 +397,30 @@ impl Node {
     }
 
     /// The value Rhai would compute, or `None` when this module cannot be sure of it.
-    fn eval<'a>(&'a self, e: &'a Event) -> Option<Val<'a>> {
+    fn eval<'a>(&'a self, e: &'a Event, item: Item<'a>) -> Option<Val<'a>> {
         Some(match self {
+            Node::Item => match item {
+                Item::Str(s) => Val::Str(s),
+                _ => return None,
+            },
+            Node::ItemType => match item {
+                Item::Element(el) => Val::Str(&el.kind),
+                _ => return None,
+            },
             Node::Str(s) => Val::Str(s),
             Node::Int(i) => Val::Int(*i),
             Node::Bool(b) => Val::Bool(*b),
             Node::Field(f) => f.read(e),
-            Node::Len(s) => match s.eval(e)? {
+            Node::Len(s) => match s.eval(e, item)? {
                 // Rhai counts characters, not bytes.
                 Val::Str(s) => Val::Int(s.chars().count() as i64),
                 _ => return None,
             },
-            Node::IsEmpty(s) => match s.eval(e)? {
+            Node::IsEmpty(s) => match s.eval(e, item)? {
                 Val::Str(s) => Val::Bool(s.is_empty()),
                 _ => return None,
             },
-            Node::Test(test, s, pattern) => match (s.eval(e)?, pattern.eval(e)?) {
+            Node::Test(test, s, pattern) => match (s.eval(e, item)?, pattern.eval(e, item)?) {
                 (Val::Str(s), Val::Str(p)) => Val::Bool(match test {
                     Test::Contains => s.contains(p),
                     Test::StartsWith => s.starts_with(p),
@@ -277,12 +428,12 @@ impl Node {
                 }),
                 _ => return None,
             },
-            Node::Not(x) => match x.eval(e)? {
+            Node::Not(x) => match x.eval(e, item)? {
                 Val::Bool(b) => Val::Bool(!b),
                 _ => return None,
             },
             Node::Compare(op, l, r) => {
-                let (l, r) = (l.eval(e)?, r.eval(e)?);
+                let (l, r) = (l.eval(e, item)?, r.eval(e, item)?);
                 let ordering = match (l, r) {
                     (Val::Int(a), Val::Int(b)) => a.cmp(&b),
                     (Val::Str(a), Val::Str(b)) if matches!(op, Op::Eq | Op::Ne) => a.cmp(b),
@@ -300,17 +451,17 @@ impl Node {
             }
             // Left to right, stopping where Rhai stops; an operand not understood before that
             // point makes the whole unknown.
-            Node::And(items) => {
-                for item in items {
-                    if !item.eval(e)?.as_bool()? {
+            Node::And(operands) => {
+                for operand in operands {
+                    if !operand.eval(e, item)?.as_bool()? {
                         return Some(Val::Bool(false));
                     }
                 }
                 Val::Bool(true)
             }
-            Node::Or(items) => {
-                for item in items {
-                    if item.eval(e)?.as_bool()? {
+            Node::Or(operands) => {
+                for operand in operands {
+                    if operand.eval(e, item)?.as_bool()? {
                         return Some(Val::Bool(true));
                     }
                 }
@@ -333,7 +484,10 @@ impl Val<'_> {
 /// first statement, which must be an `if`.
 #[doc(hidden)]
 pub fn condition_value<'a>(guard: &'a Guard, event: &'a Event) -> Option<Val<'a>> {
-    guard.conditions.first()?.eval(event)
+    match guard.checks.first()? {
+        Check::If(c) => c.eval(event, Item::None),
+        Check::ForEach { .. } => None,
+    }
 }
 
 #[cfg(test)]
@@ -362,6 +516,23 @@ mod tests {
     }
 
     fn event(text: &str, group_type: &str, from: &str, time: i64) -> Event {
+        event_with_body(text, group_type, from, time, &[])
+    }
+
+    /// An event whose `MsgBody` holds a text element, then elements of the given types.
+    fn event_with_body(
+        text: &str,
+        group_type: &str,
+        from: &str,
+        time: i64,
+        more: &[&str],
+    ) -> Event {
+        let mut body =
+            vec![serde_json::json!({"MsgType": "TIMTextElem", "MsgContent": {"Text": text}})];
+        body.extend(
+            more.iter()
+                .map(|t| serde_json::json!({"MsgType": t, "MsgContent": {}})),
+        );
         let query = CallbackQuery {
             sdk_app_id: Some(888888),
             command: Some("Group.CallbackAfterSendMsg".into()),
@@ -374,7 +545,7 @@ mod tests {
             "Type": group_type,
             "From_Account": from,
             "MsgTime": time,
-            "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": text}}],
+            "MsgBody": body,
         });
         Event::from_callback(&query, body.to_string().as_bytes(), &[]).unwrap()
     }
@@ -391,6 +562,9 @@ mod tests {
             r#"if !event.from_bot && event.text.len > 3 { log("x"); }"#,
             r#"if event.from == "watched" && event.time > 0 { forward("stdout", #{ a: event.from }); }"#,
             "if event.text.is_empty() { stop(); }\nif event.group_type != \"Public\" { stop(); }",
+            r#"for e in event.elements { if e.type == "TIMImageElem" || e["type"] == "TIMVideoFileElem" { forward("stdout"); break; } }"#,
+            r#"let words = ["casino", "loan shark"]; for w in words { if event.text.contains(w) { log(w); break; } }"#,
+            r#"for w in ["a", "b"] { if event.from == w { stop(); } }"#,
         ] {
             assert!(guard_of(&engine, guarded).is_some(), "{guarded}");
         }
@@ -398,7 +572,12 @@ mod tests {
             r#"forward("stdout");"#,
             r#"if event.text.contains("a") { log("a"); } else { log("b"); }"#,
             r#"let w = "a"; if event.text.contains(w) { log("a"); }"#,
-            r#"for e in event.elements { if e.type == "TIMImageElem" { log("a"); } }"#,
+            r#"for (e, i) in event.elements { if e.type == "TIMImageElem" { log("a"); } }"#,
+            r#"for e in event.elements { log("a"); if e.type == "x" { log("b"); } }"#,
+            r#"for e in event.elements { if e.content.Text == "x" { log("a"); } }"#,
+            r#"let words = ["a", 1]; for w in words { if event.text.contains(w) { log("a"); } }"#,
+            r#"for m in event.payload.MsgBody { if m.MsgType == "x" { log("a"); } }"#,
+            r#"let words = ["a"]; for w in words { if event.text.contains(w) { log("a"); } else { log("b"); } }"#,
             r#"if event.payload.Type == "Public" { log("a"); }"#,
             r#"if event.text.to_upper() == "A" { log("a"); }"#,
             r#"fn contains(x) { true } if event.text.contains("a") { log("a"); }"#,
@@ -519,8 +698,84 @@ mod tests {
             .prop_map(|(text, group_type, from, time)| event(text, group_type, from, time))
     }
 
+    /// A rule with a loop: over a list of strings (`w`) or over the elements (`e`), whose one
+    /// `if` uses the loop variable, the event, or things the guard does not understand.
+    fn loop_rule() -> impl Strategy<Value = String> {
+        let list_leaf = prop::sample::select(vec![
+            "w",
+            "event.text.contains(w)",
+            "event.from.starts_with(w)",
+            "w == event.from",
+            "w.len() > 1",
+            "w.to_upper() == \"A\"",
+            "event.text == \"a\"",
+            "\"a\"",
+            "true",
+            "false",
+        ]);
+        let element_leaf = prop::sample::select(vec![
+            "e.type == \"TIMImageElem\"",
+            "e[\"type\"] == \"TIMTextElem\"",
+            "e.type.contains(\"Elem\")",
+            "e.type",
+            "e.content == \"x\"",
+            "e.content.Text == \"a\"",
+            "event.from == \"jared\"",
+            "true",
+            "false",
+        ]);
+        let combine = |leaf: prop::sample::Select<&'static str>| {
+            leaf.prop_map(String::from)
+                .prop_recursive(3, 12, 2, |inner| {
+                    prop_oneof![
+                        inner.clone().prop_map(|a| format!("!({a})")),
+                        (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) && ({b})")),
+                        (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) || ({b})")),
+                    ]
+                })
+        };
+        let words =
+            prop::sample::subsequence(vec!["a", "red", "jared", "Public", "红包", ""], 0..4);
+        prop_oneof![
+            (words, combine(list_leaf)).prop_map(|(ws, c)| {
+                format!("let ws = {ws:?};\nfor w in ws {{ if {c} {{ log(\"x\"); }} }}")
+            }),
+            combine(element_leaf)
+                .prop_map(|c| format!("for e in event.elements {{ if {c} {{ log(\"x\"); }} }}")),
+        ]
+    }
+
+    fn event_with_elements() -> impl Strategy<Value = Event> {
+        (
+            some_event(),
+            prop::sample::subsequence(vec!["TIMImageElem", "TIMTextElem", "TIMCustomElem"], 0..3),
+        )
+            .prop_map(|(e, more)| event_with_body(&e.text, &e.group_type, &e.from, e.time, &more))
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// A loop rule the guard skips does nothing in Rhai either (no body run, no error).
+        #[test]
+        fn loop_guard_agrees_with_rhai(rule in loop_rule(), event in event_with_elements()) {
+            let engine = engine();
+            let mut scope = Scope::new();
+            scope.push("event", rhai::Map::new());
+            let Ok(ast) = engine.compile_into_self_contained(&scope, &rule) else {
+                return Ok(());
+            };
+            let Some(guard) = Guard::of(&ast) else {
+                return Ok(());
+            };
+            if guard.skips(&event) {
+                let mut scope = Scope::new();
+                let shared = rhai::serde::to_dynamic(&event).unwrap().into_read_only().into_shared();
+                scope.push_constant_dynamic("event", shared);
+                let ran = engine.run_ast_with_scope(&mut scope, &ast);
+                prop_assert!(ran.is_ok(), "{rule}: skipped, Rhai {ran:?}");
+            }
+        }
 
         /// Whenever the guard knows a rule's condition, Rhai agrees: false → running the rule
         /// does nothing, true → its body runs. The body calls `log`, which fails outside a

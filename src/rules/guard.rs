@@ -13,8 +13,10 @@
 //! string field `contains`, `starts_with`, `ends_with` (with a string), `len`, `is_empty`.
 //! `&&` and `||` are read left to right with Rhai's short-circuit: an operand Rhai would
 //! evaluate but this module does not understand (it might error, call a function, log) makes
-//! the whole condition unknown, and the rule runs in Rhai as always. So a guard changes cost,
-//! never behaviour; `guard_agrees_with_rhai` in the tests checks that claim on generated
+//! the whole condition unknown, and the rule runs in Rhai as always. A rule that would hit one
+//! of the engine's limits (operations, through a long list or a message with very many
+//! elements; variables) is not skipped either, so it fails in Rhai as before. So a guard changes
+//! cost, never behaviour; `guard_agrees_with_rhai` in the tests checks that claim on generated
 //! conditions.
 
 use std::collections::HashMap;
@@ -27,7 +29,14 @@ use crate::event::{Element, Event};
 #[derive(Debug)]
 pub struct Guard {
     checks: Vec<Check>,
+    /// A skipped rule must also be one that would not have run out of operations in Rhai:
+    /// loops are skipped only while items × condition size stays well under this.
+    max_operations: u64,
 }
+
+/// Most `let` lists a guarded rule may have: the engine allows 256 variables, and a rule past
+/// that limit must fail in Rhai rather than be skipped.
+const MAX_LISTS: usize = 64;
 
 #[derive(Debug)]
 enum Check {
@@ -61,7 +70,7 @@ enum Item<'a> {
 
 impl Guard {
     /// The guard of a rule, if its shape allows one.
-    pub fn of(ast: &AST) -> Option<Guard> {
+    pub fn of(ast: &AST, max_operations: u64) -> Option<Guard> {
         // A function defined in the rule (or an imported module) could shadow a method.
         if ast.has_functions() {
             return None;
@@ -77,6 +86,9 @@ impl Guard {
                     if !flags.contains(ASTFlags::EXPORTED) && var.0.name.as_str() != "event" =>
                 {
                     lists.insert(var.0.name.as_str(), string_list(&var.1)?);
+                    if lists.len() > MAX_LISTS {
+                        return None;
+                    }
                 }
                 Stmt::For(for_loop, _) => {
                     let (name, counter, flow) = &**for_loop;
@@ -113,11 +125,34 @@ impl Guard {
                 _ => return None,
             }
         }
-        Some(Guard { checks })
+        Some(Guard {
+            checks,
+            max_operations,
+        })
     }
 
     /// True when running the rule on `event` would certainly do nothing.
     pub fn skips(&self, event: &Event) -> bool {
+        // Rhai counts an operation per node evaluated, and a few per loop turn and call: four
+        // per node and turn is a generous estimate, and half the limit leaves room for it.
+        let operations: u64 = self
+            .checks
+            .iter()
+            .map(|check| match check {
+                Check::If(c) => c.size(),
+                Check::ForEach { items, condition } => {
+                    let turns = match items {
+                        Items::Strings(list) => list.len(),
+                        Items::Elements => event.elements.len(),
+                    } as u64;
+                    turns.saturating_mul(condition.size() + 4)
+                }
+            })
+            .fold(0u64, |a, b| a.saturating_add(b))
+            .saturating_mul(4);
+        if operations > self.max_operations / 2 {
+            return false;
+        }
         let false_for = |c: &Node, item| matches!(c.eval(event, item), Some(Val::Bool(false)));
         self.checks.iter().all(|check| match check {
             Check::If(c) => false_for(c, Item::None),
@@ -290,6 +325,16 @@ impl Field {
 }
 
 impl Node {
+    /// The number of nodes, for the operation estimate.
+    fn size(&self) -> u64 {
+        1 + match self {
+            Node::Len(x) | Node::IsEmpty(x) | Node::Not(x) => x.size(),
+            Node::Test(_, a, b) | Node::Compare(_, a, b) => a.size() + b.size(),
+            Node::And(xs) | Node::Or(xs) => xs.iter().map(Node::size).sum(),
+            _ => 0,
+        }
+    }
+
     fn compile(expr: &Expr, scope: Scope) -> Option<Node> {
         let compile = |e: &Expr| Node::compile(e, scope);
         let loop_var = |e: &Expr| match (e, scope) {
@@ -512,7 +557,7 @@ mod tests {
         let ast = engine
             .compile_into_self_contained(&scope, source)
             .unwrap_or_else(|e| panic!("{source}: {e}"));
-        Guard::of(&ast)
+        Guard::of(&ast, Config::default().rules.max_operations)
     }
 
     fn event(text: &str, group_type: &str, from: &str, time: i64) -> Event {
@@ -628,6 +673,35 @@ mod tests {
         .unwrap();
         assert!(two.skips(&event("x", "Public", "c", 1)));
         assert!(!two.skips(&event("x", "Public", "b", 1)));
+    }
+
+    /// A rule that would run out of operations or variables in Rhai is not skipped: it must
+    /// fail there as it always did (found in review).
+    #[test]
+    fn limits_rhai_would_hit_are_not_skipped() {
+        let engine = engine();
+        let rule = r#"for e in event.elements { if e.type == "TIMImageElem" || e.type == "x" || e.type == "y" || e.type == "z" || e["type"] == "w" { log("x"); } }"#;
+        let guard = guard_of(&engine, rule).unwrap();
+        let few = event_with_body("a", "Public", "x", 1, &["a"; 10]);
+        assert!(guard.skips(&few));
+        let many = event_with_body("a", "Public", "x", 1, &vec!["a"; 62_000]);
+        assert!(!guard.skips(&many));
+        // Rhai does fail on it, so skipping would have hidden an error.
+        let mut scope = Scope::new();
+        let shared = rhai::serde::to_dynamic(&many)
+            .unwrap()
+            .into_read_only()
+            .into_shared();
+        scope.push_constant_dynamic("event", shared);
+        let mut ast_scope = Scope::new();
+        ast_scope.push("event", rhai::Map::new());
+        let ast = engine
+            .compile_into_self_contained(&ast_scope, rule)
+            .unwrap();
+        assert!(engine.run_ast_with_scope(&mut scope, &ast).is_err());
+
+        let lists: String = (0..300).map(|i| format!("let w{i} = [\"a\"];\n")).collect();
+        assert!(guard_of(&engine, &lists).is_none());
     }
 
     /// Pieces of conditions: understood ones and ones that are not (or that error in Rhai).
@@ -765,7 +839,7 @@ mod tests {
             let Ok(ast) = engine.compile_into_self_contained(&scope, &rule) else {
                 return Ok(());
             };
-            let Some(guard) = Guard::of(&ast) else {
+            let Some(guard) = Guard::of(&ast, Config::default().rules.max_operations) else {
                 return Ok(());
             };
             if guard.skips(&event) {
@@ -791,7 +865,7 @@ mod tests {
             let Ok(ast) = engine.compile_into_self_contained(&scope, &rule) else {
                 return Ok(());
             };
-            let Some(guard) = Guard::of(&ast) else {
+            let Some(guard) = Guard::of(&ast, Config::default().rules.max_operations) else {
                 return Ok(());
             };
             let known = condition_value(&guard, &event);

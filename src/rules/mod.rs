@@ -218,7 +218,7 @@ impl Rules {
                     name: name.into(),
                     path,
                     digest,
-                    guard: guard::Guard::of(&ast),
+                    guard: guard::Guard::of(&ast, self.config.max_operations),
                     ast,
                     loaded_at: SystemTime::now(),
                 })),

@@ -30,8 +30,12 @@ use crate::event::{Element, Event};
 pub struct Guard {
     checks: Vec<Check>,
     /// A skipped rule must also be one that would not have run out of operations in Rhai:
-    /// loops are skipped only while items × condition size stays well under this.
+    /// it is skipped only while its estimated operations stay well under this.
     max_operations: u64,
+    /// The estimate, fixed at compile time but for loops over `event.elements`: so many
+    /// operations, plus so many per element.
+    fixed_operations: u64,
+    operations_per_element: u64,
 }
 
 /// Most `let` lists a guarded rule may have: the engine allows 256 variables, and a rule past
@@ -125,31 +129,36 @@ impl Guard {
                 _ => return None,
             }
         }
+        // Rhai counts an operation per node evaluated, and a few per loop turn and call: four
+        // per node and turn is a generous estimate.
+        let (mut fixed_operations, mut operations_per_element) = (0u64, 0u64);
+        for check in &checks {
+            match check {
+                Check::If(c) => fixed_operations += 4 * c.size(),
+                Check::ForEach {
+                    items: Items::Strings(list),
+                    condition,
+                } => fixed_operations += 4 * list.len() as u64 * (condition.size() + 4),
+                Check::ForEach {
+                    items: Items::Elements,
+                    condition,
+                } => operations_per_element += 4 * (condition.size() + 4),
+            }
+        }
         Some(Guard {
             checks,
             max_operations,
+            fixed_operations,
+            operations_per_element,
         })
     }
 
     /// True when running the rule on `event` would certainly do nothing.
     pub fn skips(&self, event: &Event) -> bool {
-        // Rhai counts an operation per node evaluated, and a few per loop turn and call: four
-        // per node and turn is a generous estimate, and half the limit leaves room for it.
-        let operations: u64 = self
-            .checks
-            .iter()
-            .map(|check| match check {
-                Check::If(c) => c.size(),
-                Check::ForEach { items, condition } => {
-                    let turns = match items {
-                        Items::Strings(list) => list.len(),
-                        Items::Elements => event.elements.len(),
-                    } as u64;
-                    turns.saturating_mul(condition.size() + 4)
-                }
-            })
-            .fold(0u64, |a, b| a.saturating_add(b))
-            .saturating_mul(4);
+        // Half the limit leaves room for the estimate to be off.
+        let operations = self.fixed_operations.saturating_add(
+            (event.elements.len() as u64).saturating_mul(self.operations_per_element),
+        );
         if operations > self.max_operations / 2 {
             return false;
         }

@@ -551,6 +551,7 @@ mod tests {
     use proptest::prelude::*;
     use rhai::{Engine, Scope};
 
+    use super::super::{compile_source, event_value};
     use super::*;
     use crate::config::Config;
     use crate::event::CallbackQuery;
@@ -561,12 +562,16 @@ mod tests {
 
     /// Compiles a rule the way the rule loader does and returns its guard.
     fn guard_of(engine: &Engine, source: &str) -> Option<Guard> {
-        let mut scope = Scope::new();
-        scope.push("event", rhai::Map::new());
-        let ast = engine
-            .compile_into_self_contained(&scope, source)
-            .unwrap_or_else(|e| panic!("{source}: {e}"));
+        let ast = compile_source(engine, source).unwrap_or_else(|e| panic!("{source}: {e}"));
         Guard::of(&ast, Config::default().rules.max_operations)
+    }
+
+    /// Runs a compiled rule on `event` as `Rules::evaluate` hands it over, but outside an
+    /// evaluation (so a call to `log` or `forward` fails, which tells a run body apart).
+    fn run(engine: &Engine, ast: &AST, event: &Event) -> Result<(), Box<rhai::EvalAltResult>> {
+        let mut scope = Scope::new();
+        scope.push_constant_dynamic("event", event_value(event).unwrap());
+        engine.run_ast_with_scope(&mut scope, ast)
     }
 
     fn event(text: &str, group_type: &str, from: &str, time: i64) -> Event {
@@ -696,18 +701,8 @@ mod tests {
         let many = event_with_body("a", "Public", "x", 1, &vec!["a"; 62_000]);
         assert!(!guard.skips(&many));
         // Rhai does fail on it, so skipping would have hidden an error.
-        let mut scope = Scope::new();
-        let shared = rhai::serde::to_dynamic(&many)
-            .unwrap()
-            .into_read_only()
-            .into_shared();
-        scope.push_constant_dynamic("event", shared);
-        let mut ast_scope = Scope::new();
-        ast_scope.push("event", rhai::Map::new());
-        let ast = engine
-            .compile_into_self_contained(&ast_scope, rule)
-            .unwrap();
-        assert!(engine.run_ast_with_scope(&mut scope, &ast).is_err());
+        let ast = compile_source(&engine, rule).unwrap();
+        assert!(run(&engine, &ast, &many).is_err());
 
         let lists: String = (0..300).map(|i| format!("let w{i} = [\"a\"];\n")).collect();
         assert!(guard_of(&engine, &lists).is_none());
@@ -843,19 +838,14 @@ mod tests {
         #[test]
         fn loop_guard_agrees_with_rhai(rule in loop_rule(), event in event_with_elements()) {
             let engine = engine();
-            let mut scope = Scope::new();
-            scope.push("event", rhai::Map::new());
-            let Ok(ast) = engine.compile_into_self_contained(&scope, &rule) else {
+            let Ok(ast) = compile_source(&engine, &rule) else {
                 return Ok(());
             };
             let Some(guard) = Guard::of(&ast, Config::default().rules.max_operations) else {
                 return Ok(());
             };
             if guard.skips(&event) {
-                let mut scope = Scope::new();
-                let shared = rhai::serde::to_dynamic(&event).unwrap().into_read_only().into_shared();
-                scope.push_constant_dynamic("event", shared);
-                let ran = engine.run_ast_with_scope(&mut scope, &ast);
+                let ran = run(&engine, &ast, &event);
                 prop_assert!(ran.is_ok(), "{rule}: skipped, Rhai {ran:?}");
             }
         }
@@ -868,20 +858,15 @@ mod tests {
             let engine = engine();
             // Generated conditions that do not compile (a string where Rhai wants a boolean)
             // have nothing to compare.
-            let mut scope = Scope::new();
-            scope.push("event", rhai::Map::new());
             let rule = format!("if {cond} {{ log(\"x\"); }}");
-            let Ok(ast) = engine.compile_into_self_contained(&scope, &rule) else {
+            let Ok(ast) = compile_source(&engine, &rule) else {
                 return Ok(());
             };
             let Some(guard) = Guard::of(&ast, Config::default().rules.max_operations) else {
                 return Ok(());
             };
             let known = condition_value(&guard, &event);
-            let mut scope = Scope::new();
-            let shared = rhai::serde::to_dynamic(&event).unwrap().into_read_only().into_shared();
-            scope.push_constant_dynamic("event", shared);
-            let ran = engine.run_ast_with_scope(&mut scope, &ast);
+            let ran = run(&engine, &ast, &event);
             let body_ran = |r: &Result<(), Box<rhai::EvalAltResult>>| {
                 r.as_ref().is_err_and(|e| e.to_string().contains("only be called while a rule runs"))
             };

@@ -239,13 +239,7 @@ impl Rules {
 
     /// Compiles one rule with its imports resolved now, so running it never touches the disk.
     fn compile(&self, name: &str, path: &Path, text: &str) -> Result<AST, Problem> {
-        // `event` is declared for strict-variable checking. As a variable, not a constant: the
-        // optimizer would fold a constant's (empty) value into the script.
-        let mut scope = Scope::new();
-        scope.push("event", rhai::Map::new());
-        let mut ast = self
-            .engine
-            .compile_into_self_contained(&scope, text)
+        let mut ast = compile_source(&self.engine, text)
             .map_err(|e| locate_import(problem_from(path, &e), text))?;
         ast.set_source(name);
         Ok(ast)
@@ -303,9 +297,8 @@ impl Rules {
                 } else {
                     let event_value = match &shared {
                         Some(d) => d.clone(),
-                        None => match rhai::serde::to_dynamic(event) {
+                        None => match event_value(event) {
                             Ok(d) => {
-                                let d = d.into_read_only().into_shared();
                                 engine::set_event(d.clone());
                                 shared.insert(d).clone()
                             }
@@ -395,6 +388,23 @@ impl Rules {
     pub fn budget(&self) -> Duration {
         self.config.verdict_budget
     }
+}
+
+/// Compiles a rule's text with its imports resolved now. `event` is declared for
+/// strict-variable checking; as a variable, not a constant: the optimizer would fold a
+/// constant's (empty) value into the script.
+fn compile_source(engine: &Engine, text: &str) -> Result<AST, Box<EvalAltResult>> {
+    let mut scope = Scope::new();
+    scope.push("event", rhai::Map::new());
+    engine.compile_into_self_contained(&scope, text)
+}
+
+/// The event as rules see it: a read-only map, shared by every rule (cloning it clones the
+/// handle), so a rule cannot change what later rules see; only `rewrite` does, from Rust.
+fn event_value(event: &Event) -> Result<Dynamic, Box<EvalAltResult>> {
+    Ok(rhai::serde::to_dynamic(event)?
+        .into_read_only()
+        .into_shared())
 }
 
 fn terminated_by(e: &EvalAltResult) -> Option<&'static str> {

@@ -60,7 +60,7 @@ pub async fn run(
     if !waiting.is_empty() {
         tracing::info!(deliveries = waiting.len(), "resuming stored deliveries");
     }
-    dispatcher.schedule(waiting);
+    dispatcher.schedule(waiting.into_iter().map(|(name, q)| (name, q, None)));
 
     if config.tencent.sdk_app_ids.is_empty() {
         tracing::warn!("tencent.sdk_app_ids is empty: callbacks for any SdkAppid are accepted");

@@ -196,6 +196,46 @@ async fn a_destination_that_is_down_gets_everything_once_it_is_back() {
     assert_eq!(seqs, (0..50).collect());
 }
 
+/// A lane keeps the bodies of just-stored deliveries in memory for their first attempt, up to
+/// `FRESH_BYTES` (256 KiB); a slow destination gets the rest read back from the outbox.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lane_that_falls_behind_sends_every_body_as_stored() {
+    let sink = Sink::start().await;
+    sink.set_delay(Duration::from_millis(5));
+    let ws = forwarding_all_to(&sink.url("/in"), "concurrency = 1");
+    let imrelay = ws.start();
+    // 40 messages of ~4 KB of text (each forwarded event carries it three times): ~0.5 MB
+    // waiting at once, twice what the lane holds in memory.
+    let padding = "x".repeat(4096);
+    let bodies: Vec<Vec<u8>> = (0..40u64)
+        .map(|n| {
+            let mut body: Value = serde_json::from_slice(&message(n)).unwrap();
+            body["MsgBody"][0]["MsgContent"]["Text"] = format!("{n} {padding}").into();
+            serde_json::to_vec(&body).unwrap()
+        })
+        .collect();
+    let answers =
+        futures_util::future::join_all(bodies.iter().map(|b| imrelay.post(MESSAGE, b))).await;
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "{answers:?}"
+    );
+
+    let received = sink.wait_for(40, Duration::from_secs(10)).await;
+    let (ids, seqs) = ids_and_seqs(&received);
+    assert_eq!((ids.len(), seqs.clone()), (40, (0..40).collect()));
+    for r in &received {
+        let event = r.json();
+        let n = event["seq"].as_u64().unwrap();
+        assert_eq!(event["text"], format!("{n} {padding}"), "message {n}");
+        assert_eq!(
+            r.header("webhook-id"),
+            Some(format!("msg_{}_0", event["id"].as_str().unwrap()).as_str())
+        );
+    }
+    all_delivered(&imrelay).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retries_after_server_errors_keep_the_webhook_id() {
     let sink = Sink::start().await;

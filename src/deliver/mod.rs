@@ -1,9 +1,10 @@
 //! Delivery: one lane (a task) per destination, each with its own schedule, concurrency limit
 //! and rate limit, so a slow or dead destination only ever delays itself.
 //!
-//! Lanes hold only small descriptors ([`Queued`]); the body is read from the outbox when an
-//! attempt starts. Every outcome goes back to the outbox writer, so the schedule on disk is
-//! always the truth and a restart resumes it.
+//! Lanes hold small descriptors ([`Queued`]); the body is read from the outbox when an attempt
+//! starts, except for a delivery's first attempt right after it was stored, which gets its body
+//! from the callback (an [`Outgoing`], within [`FRESH_BYTES`] per lane). Every outcome goes back to
+//! the outbox writer, so the schedule on disk is always the truth and a restart resumes it.
 
 pub mod format;
 pub mod policy;
@@ -20,12 +21,16 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::config::{DestinationConfig, Format, StorageConfig, STDOUT_DESTINATION};
-use crate::outbox::{now_ms, Attempt, Outbox, Queued, Row, StoreError};
+use crate::outbox::{now_ms, Attempt, Outbox, Outgoing, Queued, StoreError};
 use policy::{Backoff, Outcome};
 
 /// Each distinct literal URL a rule forwards to gets a lane (a task) that lives as long as the
 /// process: a rule building a new URL per event would otherwise grow tasks without bound.
 pub const MAX_URL_LANES: usize = 256;
+
+/// Bodies of just-stored deliveries a lane keeps in memory for their first attempt. A lane
+/// that falls behind holds at most this much; deliveries beyond it are read from the outbox.
+pub const FRESH_BYTES: u64 = 256 * 1024;
 
 pub const USER_AGENT: &str = concat!("imrelay/", env!("CARGO_PKG_VERSION"));
 
@@ -63,7 +68,7 @@ struct Inner {
 
 #[derive(Clone)]
 struct Lane {
-    jobs: mpsc::UnboundedSender<Queued>,
+    jobs: mpsc::UnboundedSender<(Queued, Option<Outgoing>)>,
     queued_bytes: Arc<AtomicU64>,
     cap: u64,
 }
@@ -131,13 +136,13 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Hands stored deliveries to their lanes.
-    pub fn schedule(&self, queued: Vec<(String, Queued)>) {
-        for (name, q) in queued {
+    /// Hands stored deliveries to their lanes, with the body of those just stored.
+    pub fn schedule(&self, queued: impl IntoIterator<Item = (String, Queued, Option<Outgoing>)>) {
+        for (name, q, fresh) in queued {
             match self.lane(&name) {
                 Ok(lane) => {
                     lane.queued_bytes.fetch_add(q.size, Ordering::Relaxed);
-                    let _ = lane.jobs.send(q);
+                    let _ = lane.jobs.send((q, fresh));
                 }
                 Err(e) => {
                     // Stored for a destination that is no longer configured (or one URL too
@@ -248,10 +253,13 @@ type Due = Reverse<(u64, u64, u32, u64)>;
 impl Worker {
     async fn run(
         mut self,
-        mut jobs: mpsc::UnboundedReceiver<Queued>,
+        mut jobs: mpsc::UnboundedReceiver<(Queued, Option<Outgoing>)>,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut heap: BinaryHeap<Due> = BinaryHeap::new();
+        // Bodies for first attempts, by sequence number, and their total size.
+        let mut fresh: HashMap<u64, Outgoing> = HashMap::new();
+        let mut fresh_bytes: u64 = 0;
         let mut in_flight: JoinSet<(Queued, Result<Outcome, StoreError>, Duration)> =
             JoinSet::new();
         let depth =
@@ -282,11 +290,15 @@ impl Worker {
                     next_attempt_ms: due,
                     size,
                 };
+                let body = fresh.remove(&seq);
+                if let Some(f) = &body {
+                    fresh_bytes -= f.body.len() as u64;
+                }
                 let inner = self.inner.clone();
                 let config = self.config.clone();
                 in_flight.spawn(async move {
                     let started = Instant::now();
-                    let outcome = attempt(&inner, &config, seq).await;
+                    let outcome = attempt(&inner, &config, seq, body).await;
                     (job, outcome, started.elapsed())
                 });
             }
@@ -303,7 +315,14 @@ impl Worker {
                         }
                     }
                 }
-                Some(job) = jobs.recv() => {
+                Some((job, body)) = jobs.recv() => {
+                    if let Some(body) = body {
+                        let size = body.body.len() as u64;
+                        if fresh_bytes + size <= FRESH_BYTES {
+                            fresh_bytes += size;
+                            fresh.insert(job.seq, body);
+                        }
+                    }
                     heap.push(Reverse((job.next_attempt_ms, job.seq, job.attempts, job.size)));
                 }
                 _ = sleep, if wait_ms.is_some() => {}
@@ -389,13 +408,17 @@ impl Worker {
     }
 }
 
-/// One attempt: read the stored delivery, send it, classify the answer. An error means the
-/// row could not be read and nothing was sent.
+/// One attempt: read the stored delivery (unless its body came with it), send it, classify the
+/// answer. An error means the row could not be read and nothing was sent.
 async fn attempt(
     inner: &Inner,
     config: &DestinationConfig,
     seq: u64,
+    fresh: Option<Outgoing>,
 ) -> Result<Outcome, StoreError> {
+    if let Some(fresh) = fresh {
+        return Ok(deliver(inner, config, fresh).await);
+    }
     let row = match inner.outbox.load(seq) {
         Ok(Some(row)) => row,
         // Already settled (for example by a replay race): nothing to send.
@@ -409,14 +432,24 @@ async fn attempt(
         }
         Err(e) => return Err(e),
     };
-    if config.name == STDOUT_DESTINATION {
-        return Ok(print_stdout(&row));
-    }
-    Ok(send(inner, config, row).await)
+    let stored = Outgoing {
+        webhook_id: row.webhook_id,
+        content_type: row.content_type.into(),
+        body: row.body.into(),
+    };
+    Ok(deliver(inner, config, stored).await)
 }
 
-/// Sends a stored delivery once and classifies the answer.
-async fn send(inner: &Inner, config: &DestinationConfig, row: Row) -> Outcome {
+/// Sends a delivery once (or prints it, for `stdout`) and classifies the answer.
+async fn deliver(inner: &Inner, config: &DestinationConfig, row: Outgoing) -> Outcome {
+    if config.name == STDOUT_DESTINATION {
+        return print_stdout(&row.body);
+    }
+    send(inner, config, row).await
+}
+
+/// Sends a delivery once and classifies the answer.
+async fn send(inner: &Inner, config: &DestinationConfig, row: Outgoing) -> Outcome {
     let timestamp = now_ms() / 1000;
     let mut url = config.url.clone();
     let mut body = row.body;
@@ -428,7 +461,7 @@ async fn send(inner: &Inner, config: &DestinationConfig, row: Row) -> Outcome {
                     .append_pair("timestamp", &ts.to_string())
                     .append_pair("sign", &sign::dingtalk(secret, ts));
             }
-            Format::Lark => body = format::sign_lark_body(&body, secret, timestamp),
+            Format::Lark => body = format::sign_lark_body(&body, secret, timestamp).into(),
             _ => {}
         }
     }
@@ -436,7 +469,7 @@ async fn send(inner: &Inner, config: &DestinationConfig, row: Row) -> Outcome {
         .client
         .post(url)
         .timeout(config.timeout)
-        .header("content-type", row.content_type.as_str())
+        .header("content-type", row.content_type.as_ref())
         .header("webhook-id", row.webhook_id.as_str())
         .header("webhook-timestamp", timestamp.to_string());
     if let Some(secret) = &config.secret {
@@ -472,10 +505,10 @@ async fn send(inner: &Inner, config: &DestinationConfig, row: Row) -> Outcome {
     }
 }
 
-fn print_stdout(row: &Row) -> Outcome {
+fn print_stdout(body: &[u8]) -> Outcome {
     let mut out = std::io::stdout().lock();
     let written = out
-        .write_all(&row.body)
+        .write_all(body)
         .and_then(|()| out.write_all(b"\n"))
         .and_then(|()| out.flush());
     match written {

@@ -241,7 +241,7 @@ async fn queue(app: &App, event: &Event, evaluation: &Evaluation) -> Result<(), 
             destination: f.destination.clone(),
             webhook_id: format!("msg_{}_{i}", event.id),
             content_type,
-            body,
+            body: body.into(),
         });
     }
     if deliveries.is_empty() {
@@ -257,7 +257,8 @@ async fn queue(app: &App, event: &Event, evaluation: &Evaluation) -> Result<(), 
         .await
     {
         Ok(Enqueued::Stored(queued)) => {
-            app.dispatcher.schedule(queued);
+            app.dispatcher
+                .schedule(queued.into_iter().map(|(name, q, f)| (name, q, Some(f))));
             Ok(())
         }
         Ok(Enqueued::Duplicate) => {

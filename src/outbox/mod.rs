@@ -14,11 +14,13 @@
 
 mod row;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
@@ -72,7 +74,16 @@ pub struct NewDelivery {
     pub destination: String,
     pub webhook_id: String,
     pub content_type: &'static str,
-    pub body: Vec<u8>,
+    pub body: Bytes,
+}
+
+/// What an attempt sends. A just-stored delivery goes to its lane with it, so the first
+/// attempt need not read the row back; later attempts read it from the stored row.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub webhook_id: String,
+    pub content_type: Cow<'static, str>,
+    pub body: Bytes,
 }
 
 /// A delivery that is stored and waiting: what a delivery worker needs to schedule it.
@@ -88,7 +99,7 @@ pub struct Queued {
 #[derive(Debug)]
 pub enum Enqueued {
     /// Stored; schedule these (in the order given).
-    Stored(Vec<(String, Queued)>),
+    Stored(Vec<(String, Queued, Outgoing)>),
     /// The same event was stored within the dedupe window; nothing new was stored.
     Duplicate,
 }
@@ -598,6 +609,11 @@ impl Writer {
                             next_attempt_ms: 0,
                             size: d.body.len() as u64,
                         },
+                        Outgoing {
+                            webhook_id: d.webhook_id.clone(),
+                            content_type: Cow::Borrowed(d.content_type),
+                            body: d.body.clone(),
+                        },
                     ));
                 }
                 answers.push(Enqueued::Stored(stored));
@@ -743,7 +759,7 @@ mod tests {
             destination: "sink".into(),
             webhook_id: format!("msg_{n}"),
             content_type: "application/json",
-            body: format!("{{\"n\":{n}}}").into_bytes(),
+            body: format!("{{\"n\":{n}}}").into(),
         };
         (format!("event-{n}"), vec![d])
     }

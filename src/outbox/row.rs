@@ -51,7 +51,7 @@ impl Row {
             attempts: 0,
             next_attempt_ms: 0,
             history: Vec::new(),
-            body: d.body.clone(),
+            body: d.body.to_vec(),
         }
     }
 
@@ -119,7 +119,7 @@ mod tests {
             destination: "a".into(),
             webhook_id: "id-0".into(),
             content_type: "application/json",
-            body: b"{\"x\":\"\\u00e9\"}\n".to_vec(),
+            body: bytes::Bytes::from_static(b"{\"x\":\"\\u00e9\"}\n"),
         };
         let mut row = Row::new(&d, 5);
         row.record(Attempt {

@@ -101,8 +101,16 @@ impl Dispatcher {
         }
     }
 
+    /// The format of a destination a rule named, if it can exist.
+    pub fn format_of(&self, name: &str) -> Option<Format> {
+        match self.inner.destinations.get(name) {
+            Some(d) => Some(d.format),
+            None => self.destination(name).map(|d| d.format),
+        }
+    }
+
     /// The settings for a destination a rule named, if it can exist.
-    pub fn destination(&self, name: &str) -> Option<DestinationConfig> {
+    fn destination(&self, name: &str) -> Option<DestinationConfig> {
         if let Some(d) = self.inner.destinations.get(name) {
             return Some(d.clone());
         }
@@ -187,7 +195,7 @@ impl Dispatcher {
             }),
             bucket: config.rate_per_minute.map(TokenBucket::per_minute),
             metrics: LaneMetrics::new(&config.name),
-            config,
+            config: Arc::new(config),
             queued_bytes: lane.queued_bytes.clone(),
         };
         let handle = tokio::spawn(worker.run(rx, self.inner.stop.subscribe()));
@@ -220,7 +228,8 @@ impl Dispatcher {
 /// One destination's schedule and in-flight attempts.
 struct Worker {
     inner: Arc<Inner>,
-    config: DestinationConfig,
+    /// Shared with in-flight attempts (cloned per attempt, so not copied each time).
+    config: Arc<DestinationConfig>,
     backoff: Backoff,
     bucket: Option<TokenBucket>,
     queued_bytes: Arc<AtomicU64>,

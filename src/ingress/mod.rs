@@ -30,6 +30,8 @@ pub struct App {
     pub rules: Arc<Rules>,
     pub outbox: Outbox,
     pub dispatcher: Dispatcher,
+    /// `imrelay_callback_duration_seconds`, looked up once instead of per callback.
+    callback_duration: metrics::Histogram,
 }
 
 impl App {
@@ -39,6 +41,7 @@ impl App {
             rules,
             outbox,
             dispatcher,
+            callback_duration: metrics::histogram!("imrelay_callback_duration_seconds"),
         }
     }
 }
@@ -136,7 +139,7 @@ async fn handle(app: &App, raw_query: &str, body: Bytes) -> Response<HyperBytes>
     };
     metrics::counter!("imrelay_callbacks_total", "command" => command, "outcome" => outcome)
         .increment(1);
-    metrics::histogram!("imrelay_callback_duration_seconds")
+    app.callback_duration
         .record(started.elapsed().as_secs_f64());
     json_response(status, &answer)
 }
@@ -230,13 +233,13 @@ async fn queue(app: &App, event: &Event, evaluation: &Evaluation) -> Result<(), 
     let mut event_json: Option<Vec<u8>> = None;
     let mut deliveries = Vec::with_capacity(evaluation.forwards.len());
     for (i, f) in evaluation.forwards.iter().enumerate() {
-        let Some(dest) = app.dispatcher.destination(&f.destination) else {
+        let Some(dest_format) = app.dispatcher.format_of(&f.destination) else {
             tracing::warn!(rule = %f.rule, destination = %f.destination, "forward to an unknown destination ignored");
             continue;
         };
         let event_json = event_json
             .get_or_insert_with(|| serde_json::to_vec(event).expect("an event always serializes"));
-        let (body, content_type) = format::render(dest.format, event, event_json, f.body.as_ref());
+        let (body, content_type) = format::render(dest_format, event, event_json, f.body.as_ref());
         deliveries.push(NewDelivery {
             destination: f.destination.clone(),
             webhook_id: format!("msg_{}_{i}", event.id),

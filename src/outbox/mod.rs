@@ -203,6 +203,7 @@ impl Outbox {
             last_prune_ms: 0,
             last_reopen: None,
             carried: Vec::new(),
+            commit_duration: metrics::histogram!("imrelay_outbox_commit_seconds"),
         };
         std::thread::Builder::new()
             .name("imrelay-outbox".into())
@@ -383,6 +384,8 @@ struct Writer {
     last_reopen: Option<Instant>,
     /// Outcomes whose commit failed, to go first into the next one.
     carried: Vec<Op>,
+    /// `imrelay_outbox_commit_seconds`, looked up once.
+    commit_duration: metrics::Histogram,
 }
 
 impl Writer {
@@ -422,8 +425,7 @@ impl Writer {
         let result = self
             .database()
             .and_then(|db| self.apply(&db, &batch, &mut answers));
-        metrics::histogram!("imrelay_outbox_commit_seconds")
-            .record(started.elapsed().as_secs_f64());
+        self.commit_duration.record(started.elapsed().as_secs_f64());
         let mut answers = answers.into_iter();
         let mut flushes = Vec::new();
         for op in batch {

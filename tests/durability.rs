@@ -236,6 +236,91 @@ async fn a_lane_that_falls_behind_sends_every_body_as_stored() {
     all_delivered(&imrelay).await;
 }
 
+/// A destination that closes each connection after answering (without saying so in the
+/// answer): plain-HTTP deliveries keep connections open between deliveries, and must notice
+/// a closed one and send on a new connection instead of failing the attempt. (A close that
+/// lands between that check and the send is handled by resending the unsent request; this test
+/// does not force that race.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_closing_every_connection_gets_each_delivery_at_the_first_attempt() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bodies = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let kept = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                // One request: headers, then as many bytes as Content-Length says.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let body_at = loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..body_at]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while buf.len() < body_at + length {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                kept.lock().unwrap().push(buf[body_at..].to_vec());
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                // Dropped here: the connection closes.
+            });
+        }
+    });
+    let ws = forwarding_all_to(&format!("http://{addr}/in"), "");
+    let imrelay = ws.start();
+    for n in 0..5u64 {
+        post_messages(&imrelay, n..n + 1).await;
+        eventually(Duration::from_secs(10), "the delivery", || {
+            (bodies.lock().unwrap().len() as u64 == n + 1).then_some(())
+        })
+        .await;
+    }
+    all_delivered(&imrelay).await;
+    let (_, metrics) = imrelay.get("/metrics").await;
+    let count = |outcome: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("imrelay_deliveries_total{") && l.contains(outcome))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.parse::<f64>().unwrap())
+    };
+    assert_eq!(count("\"delivered\""), Some(5.0), "{metrics}");
+    assert_eq!(count("\"retry\""), Some(0.0), "{metrics}");
+}
+
+/// With a proxy in the environment, plain-HTTP deliveries go through it (reqwest's behaviour,
+/// which the direct connections must not bypass).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_proxy_in_the_environment_is_used() {
+    let destination = Sink::start().await;
+    let proxy = Sink::start().await;
+    let ws = forwarding_all_to(&destination.url("/in"), "");
+    let imrelay = ws.start_with_env(&[("HTTP_PROXY", proxy.url("").as_str())]);
+    post_messages(&imrelay, 0..1).await;
+    let through = proxy.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(through[0].path, "/in");
+    assert_eq!(destination.count(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retries_after_server_errors_keep_the_webhook_id() {
     let sink = Sink::start().await;

@@ -7,6 +7,7 @@
 //! the outbox writer, so the schedule on disk is always the truth and a restart resumes it.
 
 pub mod format;
+mod plain;
 pub mod policy;
 pub mod sign;
 
@@ -85,6 +86,9 @@ impl Dispatcher {
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // Like plain-HTTP deliveries: a 3xx is an answer, not a new address (following a
+            // 301 or 302 would resend the POST as a GET without its body).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("the HTTP client builds with static settings");
         Dispatcher {
@@ -195,6 +199,7 @@ impl Dispatcher {
             }),
             bucket: config.rate_per_minute.map(TokenBucket::per_minute),
             metrics: LaneMetrics::new(&config.name),
+            plain: plain::Pool::for_url(&config.url, config.concurrency).map(Arc::new),
             config: Arc::new(config),
             queued_bytes: lane.queued_bytes.clone(),
         };
@@ -230,6 +235,8 @@ struct Worker {
     inner: Arc<Inner>,
     /// Shared with in-flight attempts (cloned per attempt, so not copied each time).
     config: Arc<DestinationConfig>,
+    /// Connections for a plain-HTTP destination; `None`: reqwest sends.
+    plain: Option<Arc<plain::Pool>>,
     backoff: Backoff,
     bucket: Option<TokenBucket>,
     queued_bytes: Arc<AtomicU64>,
@@ -303,11 +310,14 @@ impl Worker {
                 if let Some(f) = &body {
                     fresh_bytes -= f.body.len() as u64;
                 }
-                let inner = self.inner.clone();
-                let config = self.config.clone();
+                let lane = Attempter {
+                    inner: self.inner.clone(),
+                    config: self.config.clone(),
+                    plain: self.plain.clone(),
+                };
                 in_flight.spawn(async move {
                     let started = Instant::now();
-                    let outcome = attempt(&inner, &config, seq, body).await;
+                    let outcome = lane.attempt(seq, body).await;
                     (job, outcome, started.elapsed())
                 });
             }
@@ -417,100 +427,125 @@ impl Worker {
     }
 }
 
-/// One attempt: read the stored delivery (unless its body came with it), send it, classify the
-/// answer. An error means the row could not be read and nothing was sent.
-async fn attempt(
-    inner: &Inner,
-    config: &DestinationConfig,
-    seq: u64,
-    fresh: Option<Outgoing>,
-) -> Result<Outcome, StoreError> {
-    if let Some(fresh) = fresh {
-        return Ok(deliver(inner, config, fresh).await);
-    }
-    let row = match inner.outbox.load(seq) {
-        Ok(Some(row)) => row,
-        // Already settled (for example by a replay race): nothing to send.
-        Ok(None) => return Ok(Outcome::Delivered),
-        // It will never decode: park it with the dead letters instead of retrying forever.
-        Err(StoreError::Unreadable) => {
-            return Ok(Outcome::Fatal {
-                status: 0,
-                error: StoreError::Unreadable.to_string(),
-            })
+/// What an attempt needs of its lane.
+struct Attempter {
+    inner: Arc<Inner>,
+    config: Arc<DestinationConfig>,
+    plain: Option<Arc<plain::Pool>>,
+}
+
+impl Attempter {
+    /// One attempt: read the stored delivery (unless its body came with it), send it, classify
+    /// the answer. An error means the row could not be read and nothing was sent.
+    async fn attempt(&self, seq: u64, fresh: Option<Outgoing>) -> Result<Outcome, StoreError> {
+        if let Some(fresh) = fresh {
+            return Ok(self.deliver(fresh).await);
         }
-        Err(e) => return Err(e),
-    };
-    let stored = Outgoing {
-        webhook_id: row.webhook_id,
-        content_type: row.content_type.into(),
-        body: row.body.into(),
-    };
-    Ok(deliver(inner, config, stored).await)
-}
-
-/// Sends a delivery once (or prints it, for `stdout`) and classifies the answer.
-async fn deliver(inner: &Inner, config: &DestinationConfig, row: Outgoing) -> Outcome {
-    if config.name == STDOUT_DESTINATION {
-        return print_stdout(&row.body);
-    }
-    send(inner, config, row).await
-}
-
-/// Sends a delivery once and classifies the answer.
-async fn send(inner: &Inner, config: &DestinationConfig, row: Outgoing) -> Outcome {
-    let timestamp = now_ms() / 1000;
-    let mut url = config.url.clone();
-    let mut body = row.body;
-    if let Some(secret) = &config.secret {
-        match config.format {
-            Format::DingTalk => {
-                let ts = now_ms();
-                url.query_pairs_mut()
-                    .append_pair("timestamp", &ts.to_string())
-                    .append_pair("sign", &sign::dingtalk(secret, ts));
+        let row = match self.inner.outbox.load(seq) {
+            Ok(Some(row)) => row,
+            // Already settled (for example by a replay race): nothing to send.
+            Ok(None) => return Ok(Outcome::Delivered),
+            // It will never decode: park it with the dead letters instead of retrying forever.
+            Err(StoreError::Unreadable) => {
+                return Ok(Outcome::Fatal {
+                    status: 0,
+                    error: StoreError::Unreadable.to_string(),
+                })
             }
-            Format::Lark => body = format::sign_lark_body(&body, secret, timestamp).into(),
-            _ => {}
+            Err(e) => return Err(e),
+        };
+        let stored = Outgoing {
+            webhook_id: row.webhook_id,
+            content_type: row.content_type.into(),
+            body: row.body.into(),
+        };
+        Ok(self.deliver(stored).await)
+    }
+
+    /// Sends a delivery once (or prints it, for `stdout`) and classifies the answer.
+    async fn deliver(&self, row: Outgoing) -> Outcome {
+        if self.config.name == STDOUT_DESTINATION {
+            return print_stdout(&row.body);
         }
+        self.send(row).await
     }
-    let mut request = inner
-        .client
-        .post(url)
-        .timeout(config.timeout)
-        .header("content-type", row.content_type.as_ref())
-        .header("webhook-id", row.webhook_id.as_str())
-        .header("webhook-timestamp", timestamp.to_string());
-    if let Some(secret) = &config.secret {
-        request = request.header(
-            "webhook-signature",
-            sign::standard_webhooks(secret, &row.webhook_id, timestamp, &body),
-        );
-    }
-    for (k, v) in &config.headers {
-        request = request.header(k.as_str(), v.as_str());
-    }
-    match request.body(body).send().await {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            // Read (and bound) the body so the connection goes back to the pool.
-            let _ = tokio::time::timeout(Duration::from_secs(1), response.bytes()).await;
-            policy::classify(status, retry_after.as_deref())
+
+    /// Sends a delivery once and classifies the answer.
+    async fn send(&self, row: Outgoing) -> Outcome {
+        let config = &*self.config;
+        let timestamp = now_ms() / 1000;
+        let mut url = config.url.clone();
+        let mut body = row.body;
+        if let Some(secret) = &config.secret {
+            match config.format {
+                Format::DingTalk => {
+                    let ts = now_ms();
+                    url.query_pairs_mut()
+                        .append_pair("timestamp", &ts.to_string())
+                        .append_pair("sign", &sign::dingtalk(secret, ts));
+                }
+                Format::Lark => body = format::sign_lark_body(&body, secret, timestamp).into(),
+                _ => {}
+            }
         }
-        Err(e) => Outcome::Retry {
-            status: 0,
-            error: if e.is_timeout() {
-                format!("timed out after {} ms", config.timeout.as_millis())
-            } else {
-                format!("{e}")
+        let signature = config
+            .secret
+            .as_ref()
+            .map(|secret| sign::standard_webhooks(secret, &row.webhook_id, timestamp, &body));
+        let timestamp = timestamp.to_string();
+        let mut headers: Vec<(&str, &str)> = vec![
+            ("content-type", row.content_type.as_ref()),
+            ("webhook-id", row.webhook_id.as_str()),
+            ("webhook-timestamp", timestamp.as_str()),
+        ];
+        if let Some(signature) = &signature {
+            headers.push(("webhook-signature", signature.as_str()));
+        }
+        headers.extend(config.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let answer = match &self.plain {
+            Some(pool) => {
+                let target = match url.query() {
+                    Some(q) => format!("{}?{q}", url.path()),
+                    None => url.path().to_string(),
+                };
+                let mut all = vec![("user-agent", USER_AGENT), ("accept", "*/*")];
+                all.extend(headers);
+                pool.post(&target, &all, body, config.timeout).await
+            }
+            None => self.send_reqwest(url, &headers, body).await,
+        };
+        match answer {
+            Ok(answer) => policy::classify(answer.status, answer.retry_after.as_deref()),
+            Err(error) => Outcome::Retry {
+                status: 0,
+                error,
+                after: None,
             },
-            after: None,
-        },
+        }
+    }
+
+    /// The same exchange through reqwest: for HTTPS, credentials in the URL, and proxies.
+    async fn send_reqwest(
+        &self,
+        url: reqwest::Url,
+        headers: &[(&str, &str)],
+        body: bytes::Bytes,
+    ) -> Result<plain::Answer, String> {
+        let timeout = self.config.timeout;
+        let mut request = self.inner.client.post(url).timeout(timeout);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        match request.body(body).send().await {
+            Ok(response) => {
+                let answer = plain::Answer::of(response.status(), response.headers());
+                // Read (and bound) the body so the connection goes back to the pool.
+                let _ = tokio::time::timeout(Duration::from_secs(1), response.bytes()).await;
+                Ok(answer)
+            }
+            Err(e) if e.is_timeout() => Err(format!("timed out after {} ms", timeout.as_millis())),
+            Err(e) => Err(format!("{e}")),
+        }
     }
 }
 

@@ -309,6 +309,11 @@ impl Workspace {
     pub fn start(&self) -> Imrelay {
         Imrelay::start(self.path())
     }
+
+    /// Starts `imrelay serve` here with these environment variables set.
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Imrelay {
+        Imrelay::start_with_env(self.path(), env)
+    }
 }
 
 /// A running imrelay child process.
@@ -322,6 +327,10 @@ pub struct Imrelay {
 
 impl Imrelay {
     pub fn start(dir: &Path) -> Imrelay {
+        Imrelay::start_with_env(dir, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Imrelay {
         let mut child = Command::new(env!("CARGO_BIN_EXE_imrelay"))
             .args([
                 "serve",
@@ -332,6 +341,7 @@ impl Imrelay {
             ])
             .current_dir(dir)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

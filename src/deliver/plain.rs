@@ -1,0 +1,178 @@
+//! Plain `http://` deliveries straight through hyper's connection API, with a small pool of
+//! keep-alive connections per lane. A sidecar's busiest destinations are usually plain HTTP
+//! next to it (the app's backend, a moderation service); measured here against the same local
+//! sink, a request through reqwest cost 16.5–18.2 µs of client CPU and one through a hyper
+//! connection 8.8–10.8 µs. `https://` destinations, URLs with credentials, and any process with
+//! a proxy set in its environment keep using reqwest, which handles TLS, credentials and proxies.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// How long connecting may take (reqwest's `connect_timeout` for the other destinations).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The proxy variables reqwest reads for `http://` URLs: with any of them set, deliveries go
+/// through reqwest so that the proxy is used.
+const PROXY_VARIABLES: [&str; 4] = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"];
+
+/// A lane's connections to one plain-HTTP destination.
+pub struct Pool {
+    /// `host:port`, to connect to.
+    address: String,
+    /// The `Host` header.
+    host: String,
+    idle: Mutex<Vec<(SendRequest<Full<Bytes>>, Instant)>>,
+    /// Most idle connections kept: the lane's concurrency.
+    keep: usize,
+}
+
+/// The answer to one request: status and `Retry-After`.
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<String>,
+}
+
+impl Answer {
+    pub fn of(status: hyper::StatusCode, headers: &hyper::HeaderMap) -> Answer {
+        Answer {
+            status: status.as_u16(),
+            retry_after: headers
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        }
+    }
+}
+
+impl Pool {
+    /// A pool for this URL, if it is plain HTTP without credentials and no proxy is set.
+    pub fn for_url(url: &reqwest::Url, keep: usize) -> Option<Pool> {
+        let proxied = PROXY_VARIABLES
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|value| !value.is_empty()));
+        let plain = url.scheme() == "http" && url.username().is_empty() && url.password().is_none();
+        if proxied || !plain {
+            return None;
+        }
+        let host = url.host_str()?;
+        let port = url.port_or_known_default()?;
+        // An IPv6 literal is already in brackets in `host_str`.
+        let address = format!("{host}:{port}");
+        let host = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        };
+        Some(Pool {
+            address,
+            host,
+            idle: Mutex::new(Vec::new()),
+            keep,
+        })
+    }
+
+    /// POSTs `body` to `target` (path and query) with these headers, and reads the answer
+    /// within `timeout` (the body within a further second, so the connection can be reused).
+    pub async fn post(
+        &self,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Answer, String> {
+        let mut request = Request::post(target).header("host", self.host.as_str());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|e| format!("invalid request: {e}"))?;
+        let exchange = async {
+            let (mut sender, reused) = self.checkout().await?;
+            let response = match sender.try_send_request(request).await {
+                Ok(response) => response,
+                Err(mut e) => match e.take_message() {
+                    // A kept connection the destination closed meanwhile: the request was not
+                    // sent, so it goes out once more on a new connection.
+                    Some(unsent) if reused => {
+                        sender = self.connect().await?;
+                        sender
+                            .send_request(unsent)
+                            .await
+                            .map_err(|e| e.to_string())?
+                    }
+                    _ => return Err(e.into_error().to_string()),
+                },
+            };
+            Ok((sender, response))
+        };
+        let (sender, response) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| format!("timed out after {} ms", timeout.as_millis()))??;
+        let answer = Answer::of(response.status(), response.headers());
+        // Read (and bound) the body; only a connection whose answer was read whole is reused.
+        let read = tokio::time::timeout(Duration::from_secs(1), response.into_body().collect());
+        if matches!(read.await, Ok(Ok(_))) {
+            self.checkin(sender);
+        }
+        Ok(answer)
+    }
+
+    /// An idle connection that is still open (and whether it was one), or a new one.
+    async fn checkout(&self) -> Result<(SendRequest<Full<Bytes>>, bool), String> {
+        let kept = {
+            let mut idle = self.idle.lock().expect("pool lock");
+            loop {
+                match idle.pop() {
+                    Some((sender, since))
+                        if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT =>
+                    {
+                        break Some(sender)
+                    }
+                    Some(_) => continue,
+                    None => break None,
+                }
+            }
+        };
+        match kept {
+            Some(mut sender) => match sender.ready().await {
+                Ok(()) => Ok((sender, true)),
+                Err(_) => Ok((self.connect().await?, false)),
+            },
+            None => Ok((self.connect().await?, false)),
+        }
+    }
+
+    fn checkin(&self, sender: SendRequest<Full<Bytes>>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.len() < self.keep {
+            idle.push((sender, Instant::now()));
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.address))
+            .await
+            .map_err(|_| format!("connecting to {} timed out", self.address))?
+            .map_err(|e| format!("cannot connect to {}: {e}", self.address))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+}

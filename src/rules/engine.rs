@@ -92,6 +92,11 @@ pub(crate) fn enter_rule(rule: &Arc<str>, deadline: Instant) {
     });
 }
 
+/// A `forward(destination)` of the current rule, made by its guard instead of by Rhai.
+pub(crate) fn record_forward(destination: &str) {
+    let _ = with_state(|s| push_forward(s, destination, None));
+}
+
 fn with_state<R>(f: impl FnOnce(&mut RunState) -> R) -> Result<R, Box<EvalAltResult>> {
     RUN.with(|cell| match cell.borrow_mut().as_mut() {
         Some(s) => Ok(f(s)),
@@ -162,13 +167,7 @@ fn register_forward(engine: &mut Engine, destinations: Arc<BTreeSet<String>>) {
         "forward",
         move |dest: &str| -> Result<(), Box<EvalAltResult>> {
             check_destination(&known, dest)?;
-            with_state(|s| {
-                s.forwards.push(Forward {
-                    rule: s.rule.clone(),
-                    destination: dest.to_string(),
-                    body: None,
-                })
-            })
+            with_state(|s| push_forward(s, dest, None))
         },
     );
     engine.register_fn(
@@ -183,15 +182,17 @@ fn register_forward(engine: &mut Engine, destinations: Arc<BTreeSet<String>>) {
                         .map_err(|e| runtime_error(format!("forward body is not JSON: {e}")))?,
                 )
             };
-            with_state(|s| {
-                s.forwards.push(Forward {
-                    rule: s.rule.clone(),
-                    destination: dest.to_string(),
-                    body: Some(body),
-                })
-            })
+            with_state(|s| push_forward(s, dest, Some(body)))
         },
     );
+}
+
+fn push_forward(s: &mut RunState, destination: &str, body: Option<ForwardBody>) {
+    s.forwards.push(Forward {
+        rule: s.rule.clone(),
+        destination: destination.to_string(),
+        body,
+    });
 }
 
 /// A destination is a configured name, the built-in `stdout`, or a literal http(s) URL.

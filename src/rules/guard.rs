@@ -7,7 +7,10 @@
 //! `let`/`const` lists of string literals, and `for` loops over such a list or over
 //! `event.elements` whose body is one `if` without `else` (on the loop variable: the string,
 //! or the element's `type`). It skips the rule only when every condition is *known* false, for
-//! every item of every loop. A condition is known when
+//! every item of every loop; and when the body of each `if` whose condition holds is only
+//! `forward("name")` calls to destinations the rule may name, it makes those forwards itself
+//! ([`Decision::Forward`]), so such a routing rule never needs Rhai (nor the event converted to a
+//! Rhai map). A condition is known when
 //! it is made of what this module understands: `event.<field>`, string, integer and boolean
 //! literals, `==` `!=` (same types), `<` `<=` `>` `>=` (integers), `!`, `&&`, `||`, and on a
 //! string field `contains`, `starts_with`, `ends_with` (with a string), `len`, `is_empty`.
@@ -44,8 +47,11 @@ const MAX_LISTS: usize = 64;
 
 #[derive(Debug)]
 enum Check {
-    /// `if condition { … }`
-    If(Node),
+    /// `if condition { … }`, with the destinations when the body is only `forward("…")` calls.
+    If {
+        condition: Node,
+        forwards: Option<Vec<Box<str>>>,
+    },
     /// `for item in items { if condition { … } }`
     ForEach { items: Items, condition: Node },
 }
@@ -73,8 +79,9 @@ enum Item<'a> {
 }
 
 impl Guard {
-    /// The guard of a rule, if its shape allows one.
-    pub fn of(ast: &AST, max_operations: u64) -> Option<Guard> {
+    /// The guard of a rule, if its shape allows one. `known` says which destinations a rule
+    /// may forward to by name without an error.
+    pub fn of(ast: &AST, max_operations: u64, known: &dyn Fn(&str) -> bool) -> Option<Guard> {
         // A function defined in the rule (or an imported module) could shadow a method.
         if ast.has_functions() {
             return None;
@@ -83,9 +90,10 @@ impl Guard {
         let mut checks = Vec::new();
         for stmt in ast.statements() {
             match stmt {
-                Stmt::If(flow, _) if flow.branch.is_empty() => {
-                    checks.push(Check::If(Node::compile(&flow.expr, Scope::Top)?))
-                }
+                Stmt::If(flow, _) if flow.branch.is_empty() => checks.push(Check::If {
+                    condition: Node::compile(&flow.expr, Scope::Top)?,
+                    forwards: forwards_only(flow.body.statements(), known),
+                }),
                 Stmt::Var(var, flags, _)
                     if !flags.contains(ASTFlags::EXPORTED) && var.0.name.as_str() != "event" =>
                 {
@@ -134,7 +142,13 @@ impl Guard {
         let (mut fixed_operations, mut operations_per_element) = (0u64, 0u64);
         for check in &checks {
             match check {
-                Check::If(c) => fixed_operations += 4 * c.size(),
+                Check::If {
+                    condition,
+                    forwards,
+                } => {
+                    let calls = forwards.as_ref().map_or(0, Vec::len) as u64;
+                    fixed_operations += 4 * (condition.size() + 2 * calls);
+                }
                 Check::ForEach {
                     items: Items::Strings(list),
                     condition,
@@ -155,29 +169,88 @@ impl Guard {
 
     /// True when running the rule on `event` would certainly do nothing.
     pub fn skips(&self, event: &Event) -> bool {
+        matches!(self.decide(event), Decision::Forward(ref d) if d.is_empty())
+    }
+
+    /// What running the rule on `event` would certainly do, if that is known.
+    pub fn decide(&self, event: &Event) -> Decision<'_> {
         // Half the limit leaves room for the estimate to be off.
         let operations = self.fixed_operations.saturating_add(
             (event.elements.len() as u64).saturating_mul(self.operations_per_element),
         );
         if operations > self.max_operations / 2 {
-            return false;
+            return Decision::Run;
         }
         let false_for = |c: &Node, item| matches!(c.eval(event, item), Some(Val::Bool(false)));
-        self.checks.iter().all(|check| match check {
-            Check::If(c) => false_for(c, Item::None),
-            Check::ForEach {
-                items: Items::Strings(list),
-                condition,
-            } => list.iter().all(|s| false_for(condition, Item::Str(s))),
-            Check::ForEach {
-                items: Items::Elements,
-                condition,
-            } => event
-                .elements
-                .iter()
-                .all(|el| false_for(condition, Item::Element(el))),
-        })
+        let mut forwards = Vec::new();
+        for check in &self.checks {
+            let all_false = match check {
+                Check::If {
+                    condition,
+                    forwards: to,
+                } => match (condition.eval(event, Item::None), to) {
+                    (Some(Val::Bool(false)), _) => true,
+                    (Some(Val::Bool(true)), Some(to)) => {
+                        forwards.extend(to.iter().map(|d| &**d));
+                        true
+                    }
+                    _ => false,
+                },
+                Check::ForEach {
+                    items: Items::Strings(list),
+                    condition,
+                } => list.iter().all(|s| false_for(condition, Item::Str(s))),
+                Check::ForEach {
+                    items: Items::Elements,
+                    condition,
+                } => event
+                    .elements
+                    .iter()
+                    .all(|el| false_for(condition, Item::Element(el))),
+            };
+            if !all_false {
+                return Decision::Run;
+            }
+        }
+        Decision::Forward(forwards)
     }
+}
+
+/// What a guard knows about running its rule on an event.
+#[derive(Debug, PartialEq)]
+pub enum Decision<'a> {
+    /// The rule would forward the event to these destinations, in this order, and do nothing
+    /// else (no destination: it would do nothing at all).
+    Forward(Vec<&'a str>),
+    /// Not known: the rule runs in Rhai.
+    Run,
+}
+
+/// The destinations of a block made only of `forward("…")` calls (none: an empty block), when
+/// each is one the rule may name; `None` for any other block.
+fn forwards_only(body: &[Stmt], known: &dyn Fn(&str) -> bool) -> Option<Vec<Box<str>>> {
+    body.iter()
+        .map(|stmt| {
+            let call = match stmt {
+                Stmt::FnCall(call, _) => call,
+                Stmt::Expr(expr) => match &**expr {
+                    Expr::FnCall(call, _) => call,
+                    _ => return None,
+                },
+                _ => return None,
+            };
+            let plain = call.name.as_str() == "forward"
+                && call.namespace.is_empty()
+                && !call.capture_parent_scope
+                && call.op_token.is_none();
+            match call.args.as_slice() {
+                [Expr::StringConstant(dest, _)] if plain && known(dest.as_str()) => {
+                    Some(dest.as_str().into())
+                }
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// `event` itself (not a variable of that name from a module).
@@ -539,7 +612,7 @@ impl Val<'_> {
 #[doc(hidden)]
 pub fn condition_value<'a>(guard: &'a Guard, event: &'a Event) -> Option<Val<'a>> {
     match guard.checks.first()? {
-        Check::If(c) => c.eval(event, Item::None),
+        Check::If { condition, .. } => condition.eval(event, Item::None),
         Check::ForEach { .. } => None,
     }
 }
@@ -557,13 +630,18 @@ mod tests {
     use crate::event::CallbackQuery;
 
     fn engine() -> Engine {
-        super::super::engine::build_engine(&Config::default().rules, BTreeSet::new())
+        super::super::engine::build_engine(
+            &Config::default().rules,
+            BTreeSet::from(["sink".into()]),
+        )
     }
 
     /// Compiles a rule the way the rule loader does and returns its guard.
     fn guard_of(engine: &Engine, source: &str) -> Option<Guard> {
         let ast = compile_source(engine, source).unwrap_or_else(|e| panic!("{source}: {e}"));
-        Guard::of(&ast, Config::default().rules.max_operations)
+        Guard::of(&ast, Config::default().rules.max_operations, &|d| {
+            d == "sink"
+        })
     }
 
     /// Runs a compiled rule on `event` as `Rules::evaluate` hands it over, but outside an
@@ -643,6 +721,51 @@ mod tests {
             r#"if event.text.contains('a') { log("a"); }"#,
         ] {
             assert!(guard_of(&engine, unguarded).is_none(), "{unguarded}");
+        }
+    }
+
+    #[test]
+    fn a_rule_that_only_forwards_by_name_is_decided_without_rhai() {
+        let engine = engine();
+        let red = event("a red packet", "Public", "jared", 1);
+        let plain = event("hello", "Public", "jared", 1);
+        let decide = |rule: &str, e: &Event| {
+            let guard = guard_of(&engine, rule).unwrap_or_else(|| panic!("{rule}"));
+            format!("{:?}", guard.decide(e))
+        };
+        let rule = "if event.text.contains(\"red packet\") { forward(\"sink\"); }\n\
+                    if event.group_type == \"Public\" { forward(\"sink\"); forward(\"stdout\"); }";
+        let guard = Guard::of(&compile_source(&engine, rule).unwrap(), 100_000, &|d| {
+            d == "sink" || d == "stdout"
+        })
+        .unwrap();
+        assert_eq!(
+            guard.decide(&red),
+            Decision::Forward(vec!["sink", "sink", "stdout"])
+        );
+        assert_eq!(
+            guard.decide(&plain),
+            Decision::Forward(vec!["sink", "stdout"])
+        );
+        assert_eq!(
+            decide(
+                "if event.text.contains(\"red packet\") { forward(\"sink\"); }",
+                &plain
+            ),
+            "Forward([])"
+        );
+        // Anything but `forward` with a destination the rule may name runs in Rhai when its
+        // condition holds (and is still skipped when it does not).
+        for rhai in [
+            r#"if event.text.contains("red") { forward("elsewhere"); }"#,
+            r#"if event.text.contains("red") { forward("https://example.com/in"); }"#,
+            r#"if event.text.contains("red") { forward("sink", event.text); }"#,
+            r#"if event.text.contains("red") { forward("sink"); log("x"); }"#,
+            r#"if event.text.contains("red") { forward("sink"); stop(); }"#,
+            r#"if event.text.contains("red") { forward!("sink"); }"#,
+        ] {
+            assert_eq!(decide(rhai, &red), "Run", "{rhai}");
+            assert_eq!(decide(rhai, &plain), "Forward([])", "{rhai}");
         }
     }
 
@@ -841,7 +964,7 @@ mod tests {
             let Ok(ast) = compile_source(&engine, &rule) else {
                 return Ok(());
             };
-            let Some(guard) = Guard::of(&ast, Config::default().rules.max_operations) else {
+            let Some(guard) = Guard::of(&ast, Config::default().rules.max_operations, &|d| d == "sink") else {
                 return Ok(());
             };
             if guard.skips(&event) {
@@ -851,18 +974,20 @@ mod tests {
         }
 
         /// Whenever the guard knows a rule's condition, Rhai agrees: false → running the rule
-        /// does nothing, true → its body runs. The body calls `log`, which fails outside a
-        /// real evaluation, so a run that reached the body is told apart by its error.
+        /// does nothing, true → its body runs. The body calls `forward`, which fails outside a
+        /// real evaluation, so a run that reached the body is told apart by its error. As the
+        /// body only forwards, the guard decides the whole rule: the body's forward when the
+        /// condition is true, nothing when it is false.
         #[test]
         fn guard_agrees_with_rhai(cond in condition(), event in some_event()) {
             let engine = engine();
             // Generated conditions that do not compile (a string where Rhai wants a boolean)
             // have nothing to compare.
-            let rule = format!("if {cond} {{ log(\"x\"); }}");
+            let rule = format!("if {cond} {{ forward(\"sink\"); }}");
             let Ok(ast) = compile_source(&engine, &rule) else {
                 return Ok(());
             };
-            let Some(guard) = Guard::of(&ast, Config::default().rules.max_operations) else {
+            let Some(guard) = Guard::of(&ast, Config::default().rules.max_operations, &|d| d == "sink") else {
                 return Ok(());
             };
             let known = condition_value(&guard, &event);
@@ -874,6 +999,14 @@ mod tests {
                 Some(Val::Bool(false)) => prop_assert!(ran.is_ok(), "{cond}: guard false, Rhai {ran:?}"),
                 Some(Val::Bool(true)) => prop_assert!(body_ran(&ran), "{cond}: guard true, Rhai {ran:?}"),
                 _ => {}
+            }
+            match guard.decide(&event) {
+                Decision::Forward(to) if to.is_empty() => prop_assert!(ran.is_ok(), "{cond}: decided nothing, Rhai {ran:?}"),
+                Decision::Forward(to) => {
+                    prop_assert_eq!(to, vec!["sink"]);
+                    prop_assert!(body_ran(&ran), "{cond}: decided a forward, Rhai {ran:?}");
+                }
+                Decision::Run => {}
             }
             // The optimizer may drop an `if` whose condition is a constant false: no
             // condition left, skipped, and Rhai runs nothing either.

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 pub use engine::{Action, Forward, ForwardBody};
 use engine::{RunState, TOKEN_DEADLINE, TOKEN_STOP};
 
-use crate::config::RulesConfig;
+use crate::config::{RulesConfig, STDOUT_DESTINATION};
 use crate::event::{CommandKind, Element, Event};
 
 /// One compiled rule file.
@@ -120,16 +120,19 @@ pub struct RuleReport {
 pub struct Rules {
     engine: Engine,
     config: RulesConfig,
+    /// The configured destination names, which guards may forward to without Rhai.
+    destinations: BTreeSet<String>,
     current: ArcSwap<RuleSet>,
 }
 
 impl Rules {
     /// Builds the engine and loads the folder once.
     pub fn new(config: &RulesConfig, destinations: BTreeSet<String>) -> Rules {
-        let engine = engine::build_engine(config, destinations);
+        let engine = engine::build_engine(config, destinations.clone());
         let rules = Rules {
             engine,
             config: config.clone(),
+            destinations,
             current: ArcSwap::from_pointee(RuleSet::default()),
         };
         rules.reload();
@@ -218,7 +221,9 @@ impl Rules {
                     name: name.into(),
                     path,
                     digest,
-                    guard: guard::Guard::of(&ast, self.config.max_operations),
+                    guard: guard::Guard::of(&ast, self.config.max_operations, &|d| {
+                        d == STDOUT_DESTINATION || self.destinations.contains(d)
+                    }),
                     ast,
                     loaded_at: SystemTime::now(),
                 })),
@@ -290,9 +295,16 @@ impl Rules {
                 };
                 let marks = trace.then(engine::marks);
                 // A guard reads the event as Tencent sent it, so not after a rewrite.
-                let skipped =
-                    rule.guard.as_ref().is_some_and(|g| g.skips(event)) && !engine::rewritten();
-                let result = if skipped {
+                let decision = match &rule.guard {
+                    Some(g) if !engine::rewritten() => g.decide(event),
+                    _ => guard::Decision::Run,
+                };
+                let result = if let guard::Decision::Forward(destinations) = decision {
+                    // What the rule would certainly do, done without Rhai.
+                    if !destinations.is_empty() {
+                        engine::enter_rule(&rule.name, deadline);
+                        destinations.into_iter().for_each(engine::record_forward);
+                    }
                     Ok(())
                 } else {
                     let event_value = match &shared {

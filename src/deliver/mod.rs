@@ -537,10 +537,12 @@ impl Attempter {
             request = request.header(*k, *v);
         }
         match request.body(body).send().await {
-            Ok(response) => {
+            Ok(mut response) => {
                 let answer = plain::Answer::of(response.status(), response.headers());
-                // Read (and bound) the body so the connection goes back to the pool.
-                let _ = tokio::time::timeout(Duration::from_secs(1), response.bytes()).await;
+                // Read the body (within a second, dropping it as it comes) so the connection
+                // goes back to the pool.
+                let drained = async { while let Ok(Some(_)) = response.chunk().await {} };
+                let _ = tokio::time::timeout(plain::BODY_TIMEOUT, drained).await;
                 Ok(answer)
             }
             Err(e) if e.is_timeout() => Err(format!("timed out after {} ms", timeout.as_millis())),

@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 
 /// How long connecting may take (reqwest's `connect_timeout` for the other destinations).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long reading an answer's body may take after its head came.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(1);
 /// An idle connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -118,9 +120,19 @@ impl Pool {
             .await
             .map_err(|_| format!("timed out after {} ms", timeout.as_millis()))??;
         let answer = Answer::of(response.status(), response.headers());
-        // Read (and bound) the body; only a connection whose answer was read whole is reused.
-        let read = tokio::time::timeout(Duration::from_secs(1), response.into_body().collect());
-        if matches!(read.await, Ok(Ok(_))) {
+        // Read the body within a second, dropping it as it comes (a destination's answer body
+        // is not kept); only a connection whose answer was read whole is reused.
+        let mut body = response.into_body();
+        let drained = async {
+            while let Some(frame) = body.frame().await {
+                frame?;
+            }
+            Ok::<(), hyper::Error>(())
+        };
+        if matches!(
+            tokio::time::timeout(BODY_TIMEOUT, drained).await,
+            Ok(Ok(()))
+        ) {
             self.checkin(sender);
         }
         Ok(answer)

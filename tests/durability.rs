@@ -236,18 +236,15 @@ async fn a_lane_that_falls_behind_sends_every_body_as_stored() {
     all_delivered(&imrelay).await;
 }
 
-/// A destination that closes each connection after answering (without saying so in the
-/// answer): plain-HTTP deliveries keep connections open between deliveries, and must notice
-/// a closed one and send on a new connection instead of failing the attempt. (A close that
-/// lands between that check and the send is handled by resending the unsent request; this test
-/// does not force that race.)
-#[tokio::test(flavor = "multi_thread")]
-async fn a_destination_closing_every_connection_gets_each_delivery_at_the_first_attempt() {
+/// A destination that answers 200 to each request and then closes the connection, without
+/// saying so in the answer. Returns its address and every request as received: head (the
+/// request line and headers, as sent) and body.
+async fn closing_destination() -> (std::net::SocketAddr, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let bodies = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
-    let kept = bodies.clone();
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let kept = requests.clone();
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             let kept = kept.clone();
@@ -265,8 +262,9 @@ async fn a_destination_closing_every_connection_gets_each_delivery_at_the_first_
                         break i + 4;
                     }
                 };
-                let head = String::from_utf8_lossy(&buf[..body_at]).to_lowercase();
+                let head = String::from_utf8_lossy(&buf[..body_at]).into_owned();
                 let length: usize = head
+                    .to_lowercase()
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .map_or(0, |v| v.trim().parse().unwrap());
@@ -277,7 +275,7 @@ async fn a_destination_closing_every_connection_gets_each_delivery_at_the_first_
                     }
                     buf.extend_from_slice(&chunk[..n]);
                 }
-                kept.lock().unwrap().push(buf[body_at..].to_vec());
+                kept.lock().unwrap().push((head, buf[body_at..].to_vec()));
                 let _ = socket
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
                     .await;
@@ -285,12 +283,23 @@ async fn a_destination_closing_every_connection_gets_each_delivery_at_the_first_
             });
         }
     });
+    (addr, requests)
+}
+
+/// A destination that closes each connection after answering (without saying so in the
+/// answer): plain-HTTP deliveries keep connections open between deliveries, and must notice
+/// a closed one and send on a new connection instead of failing the attempt. (A close that
+/// lands between that check and the send is handled by resending the unsent request; this test
+/// does not force that race.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_closing_every_connection_gets_each_delivery_at_the_first_attempt() {
+    let (addr, requests) = closing_destination().await;
     let ws = forwarding_all_to(&format!("http://{addr}/in"), "");
     let imrelay = ws.start();
     for n in 0..5u64 {
         post_messages(&imrelay, n..n + 1).await;
         eventually(Duration::from_secs(10), "the delivery", || {
-            (bodies.lock().unwrap().len() as u64 == n + 1).then_some(())
+            (requests.lock().unwrap().len() as u64 == n + 1).then_some(())
         })
         .await;
     }
@@ -305,6 +314,39 @@ async fn a_destination_closing_every_connection_gets_each_delivery_at_the_first_
     };
     assert_eq!(count("\"delivered\""), Some(5.0), "{metrics}");
     assert_eq!(count("\"retry\""), Some(0.0), "{metrics}");
+}
+
+/// A destination's own `Host`, `User-Agent` or `Accept` header replaces imrelay's instead of
+/// going out next to it (two `Host` headers make a server answer 400).
+#[tokio::test(flavor = "multi_thread")]
+async fn configured_headers_replace_the_default_ones() {
+    let (addr, requests) = closing_destination().await;
+    let ws = forwarding_all_to(
+        &format!("http://{addr}/in"),
+        r#"headers = { "User-Agent" = "custom/1", Host = "virtual.example", Accept = "application/json", "X-Team" = "chat" }"#,
+    );
+    let imrelay = ws.start();
+    post_messages(&imrelay, 0..1).await;
+    let head = eventually(Duration::from_secs(10), "the delivery", || {
+        requests
+            .lock()
+            .unwrap()
+            .first()
+            .map(|(head, _)| head.clone())
+    })
+    .await;
+    let values = |name: &str| -> Vec<String> {
+        head.lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    };
+    assert_eq!(values("user-agent"), ["custom/1"], "{head}");
+    assert_eq!(values("host"), ["virtual.example"], "{head}");
+    assert_eq!(values("accept"), ["application/json"], "{head}");
+    assert_eq!(values("x-team"), ["chat"], "{head}");
+    assert_eq!(values("content-type"), ["application/json"], "{head}");
 }
 
 /// With a proxy in the environment, plain-HTTP deliveries go through it (reqwest's behaviour,

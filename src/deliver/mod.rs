@@ -508,9 +508,7 @@ impl Attempter {
                     Some(q) => format!("{}?{q}", url.path()),
                     None => url.path().to_string(),
                 };
-                let mut all = vec![("user-agent", USER_AGENT), ("accept", "*/*")];
-                all.extend(headers);
-                pool.post(&target, &all, body, config.timeout).await
+                pool.post(&target, &headers, body, config.timeout).await
             }
             None => self.send_reqwest(url, &headers, body).await,
         };

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{lookup_host, TcpStream};
 
 /// How long connecting may take (reqwest's `connect_timeout` for the other destinations).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -83,6 +83,7 @@ impl Pool {
 
     /// POSTs `body` to `target` (path and query) with these headers, and reads the answer
     /// within `timeout` (the body within a further second, so the connection can be reused).
+    /// `Host`, `User-Agent` and `Accept` are added unless `headers` has them, as reqwest does.
     pub async fn post(
         &self,
         target: &str,
@@ -90,7 +91,17 @@ impl Pool {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Answer, String> {
-        let mut request = Request::post(target).header("host", self.host.as_str());
+        let mut request = Request::post(target);
+        let defaults = [
+            ("host", self.host.as_str()),
+            ("user-agent", super::USER_AGENT),
+            ("accept", "*/*"),
+        ];
+        for (name, value) in defaults {
+            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                request = request.header(name, value);
+            }
+        }
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
@@ -142,17 +153,8 @@ impl Pool {
     async fn checkout(&self) -> Result<(SendRequest<Full<Bytes>>, bool), String> {
         let kept = {
             let mut idle = self.idle.lock().expect("pool lock");
-            loop {
-                match idle.pop() {
-                    Some((sender, since))
-                        if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT =>
-                    {
-                        break Some(sender)
-                    }
-                    Some(_) => continue,
-                    None => break None,
-                }
-            }
+            prune(&mut idle);
+            idle.pop().map(|(sender, _)| sender)
         };
         match kept {
             Some(mut sender) => match sender.ready().await {
@@ -168,16 +170,35 @@ impl Pool {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock");
+        prune(&mut idle);
         if idle.len() < self.keep {
             idle.push((sender, Instant::now()));
         }
     }
 
+    /// Connects to the destination: each of its addresses in turn, with an equal share of
+    /// [`CONNECT_TIMEOUT`], so one address that drops packets does not use it all up.
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.address))
+        let cannot = |why: String| format!("cannot connect to {}: {why}", self.address);
+        let addresses: Vec<_> = tokio::time::timeout(CONNECT_TIMEOUT, lookup_host(&self.address))
             .await
-            .map_err(|_| format!("connecting to {} timed out", self.address))?
-            .map_err(|e| format!("cannot connect to {}: {e}", self.address))?;
+            .map_err(|_| cannot("name lookup timed out".into()))?
+            .map_err(|e| cannot(e.to_string()))?
+            .collect();
+        let share = CONNECT_TIMEOUT / addresses.len().max(1) as u32;
+        let mut last = cannot("the name has no address".into());
+        let mut connected = None;
+        for address in addresses {
+            match tokio::time::timeout(share, TcpStream::connect(address)).await {
+                Ok(Ok(stream)) => {
+                    connected = Some(stream);
+                    break;
+                }
+                Ok(Err(e)) => last = cannot(format!("{address}: {e}")),
+                Err(_) => last = cannot(format!("{address}: timed out")),
+            }
+        }
+        let stream = connected.ok_or(last)?;
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
@@ -187,4 +208,10 @@ impl Pool {
         });
         Ok(sender)
     }
+}
+
+/// Drops idle connections that are closed or past [`IDLE_TIMEOUT`], wherever they are in the
+/// pool (not only the one about to be used).
+fn prune(idle: &mut Vec<(SendRequest<Full<Bytes>>, Instant)>) {
+    idle.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT);
 }

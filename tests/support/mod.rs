@@ -341,6 +341,14 @@ impl Imrelay {
             ])
             .current_dir(dir)
             .env("RUST_LOG", "info")
+            // Proxies only where a test sets them: one in the surroundings would send every
+            // delivery through reqwest and leave the direct plain-HTTP path untested.
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

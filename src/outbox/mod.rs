@@ -601,8 +601,7 @@ impl Writer {
                 for d in deliveries {
                     let seq = self.next_seq;
                     self.next_seq += 1;
-                    let row = Row::new(d, now);
-                    pending.insert(seq, row.encode().as_slice())?;
+                    pending.insert(seq, Row::encode_new(d, now).as_slice())?;
                     stored.push((
                         d.destination.clone(),
                         Queued {

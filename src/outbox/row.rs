@@ -43,15 +43,19 @@ pub struct Row {
 
 impl Row {
     pub fn new(d: &NewDelivery, now_ms: u64) -> Row {
+        Row::from_header(Header::new(d, now_ms), d.body.to_vec())
+    }
+
+    fn from_header(h: Header, body: Vec<u8>) -> Row {
         Row {
-            destination: d.destination.clone(),
-            webhook_id: d.webhook_id.clone(),
-            content_type: d.content_type.to_string(),
-            created_ms: now_ms,
-            attempts: 0,
-            next_attempt_ms: 0,
-            history: Vec::new(),
-            body: d.body.to_vec(),
+            destination: h.destination,
+            webhook_id: h.webhook_id,
+            content_type: h.content_type,
+            created_ms: h.created_ms,
+            attempts: h.attempts,
+            next_attempt_ms: h.next_attempt_ms,
+            history: h.history,
+            body,
         }
     }
 
@@ -69,21 +73,23 @@ impl Row {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let header = serde_json::to_vec(&Header {
-            destination: self.destination.clone(),
-            webhook_id: self.webhook_id.clone(),
-            content_type: self.content_type.clone(),
-            created_ms: self.created_ms,
-            attempts: self.attempts,
-            next_attempt_ms: self.next_attempt_ms,
-            history: self.history.clone(),
-        })
-        .expect("a header always serializes");
-        let mut out = Vec::with_capacity(4 + header.len() + self.body.len());
-        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        out.extend_from_slice(&header);
-        out.extend_from_slice(&self.body);
-        out
+        encode(
+            &Header {
+                destination: self.destination.clone(),
+                webhook_id: self.webhook_id.clone(),
+                content_type: self.content_type.clone(),
+                created_ms: self.created_ms,
+                attempts: self.attempts,
+                next_attempt_ms: self.next_attempt_ms,
+                history: self.history.clone(),
+            },
+            &self.body,
+        )
+    }
+
+    /// What `Row::new(d, now_ms).encode()` gives, without copying the body into a `Row` first.
+    pub fn encode_new(d: &NewDelivery, now_ms: u64) -> Vec<u8> {
+        encode(&Header::new(d, now_ms), &d.body)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Row, StoreError> {
@@ -96,17 +102,32 @@ impl Row {
         let len = u32::from_le_bytes(len_bytes) as usize;
         let header = bytes.get(4..4 + len).ok_or_else(corrupt)?;
         let h: Header = serde_json::from_slice(header).map_err(|_| corrupt())?;
-        Ok(Row {
-            destination: h.destination,
-            webhook_id: h.webhook_id,
-            content_type: h.content_type,
-            created_ms: h.created_ms,
-            attempts: h.attempts,
-            next_attempt_ms: h.next_attempt_ms,
-            history: h.history,
-            body: bytes[4 + len..].to_vec(),
-        })
+        Ok(Row::from_header(h, bytes[4 + len..].to_vec()))
     }
+}
+
+impl Header {
+    /// The header of a delivery not attempted yet.
+    fn new(d: &NewDelivery, now_ms: u64) -> Header {
+        Header {
+            destination: d.destination.clone(),
+            webhook_id: d.webhook_id.clone(),
+            content_type: d.content_type.to_string(),
+            created_ms: now_ms,
+            attempts: 0,
+            next_attempt_ms: 0,
+            history: Vec::new(),
+        }
+    }
+}
+
+fn encode(header: &Header, body: &[u8]) -> Vec<u8> {
+    let header = serde_json::to_vec(header).expect("a header always serializes");
+    let mut out = Vec::with_capacity(4 + header.len() + body.len());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(body);
+    out
 }
 
 #[cfg(test)]
@@ -122,6 +143,7 @@ mod tests {
             body: bytes::Bytes::from_static(b"{\"x\":\"\\u00e9\"}\n"),
         };
         let mut row = Row::new(&d, 5);
+        assert_eq!(Row::encode_new(&d, 5), row.encode());
         row.record(Attempt {
             at_ms: 6,
             status: 500,

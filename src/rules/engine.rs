@@ -115,7 +115,7 @@ fn terminate() -> Box<EvalAltResult> {
 }
 
 /// Builds the engine every rule runs on. `destinations` are the configured destination names.
-pub fn build_engine(config: &RulesConfig, destinations: BTreeSet<String>) -> Engine {
+pub fn build_engine(config: &RulesConfig, destinations: Arc<BTreeSet<String>>) -> Engine {
     let mut engine = Engine::new();
     engine.set_max_operations(config.max_operations);
     engine.set_max_call_levels(32);
@@ -149,7 +149,7 @@ pub fn build_engine(config: &RulesConfig, destinations: BTreeSet<String>) -> Eng
         let _ = with_state(|s| record_log(s, format!("{text} (line {})", pos.line().unwrap_or(0))));
     });
 
-    register_forward(&mut engine, Arc::new(destinations));
+    register_forward(&mut engine, destinations);
     register_flow(&mut engine);
     register_verdicts(&mut engine);
     engine
@@ -195,9 +195,15 @@ fn push_forward(s: &mut RunState, destination: &str, body: Option<ForwardBody>) 
     });
 }
 
+/// A destination a rule names: a configured one or the built-in `stdout` (a literal URL is
+/// the other kind a rule may give, see [`check_destination`]).
+pub(crate) fn is_named(known: &BTreeSet<String>, dest: &str) -> bool {
+    dest == STDOUT_DESTINATION || known.contains(dest)
+}
+
 /// A destination is a configured name, the built-in `stdout`, or a literal http(s) URL.
 fn check_destination(known: &BTreeSet<String>, dest: &str) -> Result<(), Box<EvalAltResult>> {
-    if dest == STDOUT_DESTINATION || known.contains(dest) {
+    if is_named(known, dest) {
         return Ok(());
     }
     if dest.starts_with("http://") || dest.starts_with("https://") {

@@ -167,11 +167,6 @@ impl Guard {
         })
     }
 
-    /// True when running the rule on `event` would certainly do nothing.
-    pub fn skips(&self, event: &Event) -> bool {
-        matches!(self.decide(event), Decision::Forward(ref d) if d.is_empty())
-    }
-
     /// What running the rule on `event` would certainly do, if that is known.
     pub fn decide(&self, event: &Event) -> Decision<'_> {
         // Half the limit leaves room for the estimate to be off.
@@ -282,7 +277,7 @@ fn string_list(expr: &Expr) -> Option<Vec<Box<str>>> {
 
 /// A value the guard can compute.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Val<'a> {
+enum Val<'a> {
     Str(&'a str),
     Int(i64),
     Bool(bool),
@@ -607,16 +602,6 @@ impl Val<'_> {
     }
 }
 
-/// The value of a rule's condition as the guard sees it, for the tests: the condition of the
-/// first statement, which must be an `if`.
-#[doc(hidden)]
-pub fn condition_value<'a>(guard: &'a Guard, event: &'a Event) -> Option<Val<'a>> {
-    match guard.checks.first()? {
-        Check::If { condition, .. } => condition.eval(event, Item::None),
-        Check::ForEach { .. } => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -629,10 +614,26 @@ mod tests {
     use crate::config::Config;
     use crate::event::CallbackQuery;
 
+    impl Guard {
+        /// True when running the rule on `event` would certainly do nothing.
+        fn skips(&self, event: &Event) -> bool {
+            matches!(self.decide(event), Decision::Forward(ref d) if d.is_empty())
+        }
+    }
+
+    /// The value of a rule's condition as the guard sees it: the condition of the first
+    /// statement, which must be an `if`.
+    fn condition_value<'a>(guard: &'a Guard, event: &'a Event) -> Option<Val<'a>> {
+        match guard.checks.first()? {
+            Check::If { condition, .. } => condition.eval(event, Item::None),
+            Check::ForEach { .. } => None,
+        }
+    }
+
     fn engine() -> Engine {
         super::super::engine::build_engine(
             &Config::default().rules,
-            BTreeSet::from(["sink".into()]),
+            std::sync::Arc::new(BTreeSet::from(["sink".into()])),
         )
     }
 

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 pub use engine::{Action, Forward, ForwardBody};
 use engine::{RunState, TOKEN_DEADLINE, TOKEN_STOP};
 
-use crate::config::{RulesConfig, STDOUT_DESTINATION};
+use crate::config::RulesConfig;
 use crate::event::{CommandKind, Element, Event};
 
 /// One compiled rule file.
@@ -120,14 +120,16 @@ pub struct RuleReport {
 pub struct Rules {
     engine: Engine,
     config: RulesConfig,
-    /// The configured destination names, which guards may forward to without Rhai.
-    destinations: BTreeSet<String>,
+    /// The configured destination names (shared with the engine's `forward`), which guards
+    /// may forward to without Rhai.
+    destinations: Arc<BTreeSet<String>>,
     current: ArcSwap<RuleSet>,
 }
 
 impl Rules {
     /// Builds the engine and loads the folder once.
     pub fn new(config: &RulesConfig, destinations: BTreeSet<String>) -> Rules {
+        let destinations = Arc::new(destinations);
         let engine = engine::build_engine(config, destinations.clone());
         let rules = Rules {
             engine,
@@ -222,7 +224,7 @@ impl Rules {
                     path,
                     digest,
                     guard: guard::Guard::of(&ast, self.config.max_operations, &|d| {
-                        d == STDOUT_DESTINATION || self.destinations.contains(d)
+                        engine::is_named(&self.destinations, d)
                     }),
                     ast,
                     loaded_at: SystemTime::now(),

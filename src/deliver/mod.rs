@@ -192,15 +192,17 @@ impl Dispatcher {
             cap: config.max_queue_bytes,
         };
         let worker = Worker {
-            inner: self.inner.clone(),
             backoff: Backoff::new(config.backoff_base, config.backoff_max).unwrap_or_else(|_| {
                 Backoff::new(Duration::from_millis(500), Duration::from_secs(600))
                     .expect("static backoff")
             }),
             bucket: config.rate_per_minute.map(TokenBucket::per_minute),
             metrics: LaneMetrics::new(&config.name),
-            plain: plain::Pool::for_url(&config.url, config.concurrency).map(Arc::new),
-            config: Arc::new(config),
+            lane: Attempter {
+                inner: self.inner.clone(),
+                plain: plain::Pool::for_url(&config.url, config.concurrency).map(Arc::new),
+                config: Arc::new(config),
+            },
             queued_bytes: lane.queued_bytes.clone(),
         };
         let handle = tokio::spawn(worker.run(rx, self.inner.stop.subscribe()));
@@ -232,11 +234,8 @@ impl Dispatcher {
 
 /// One destination's schedule and in-flight attempts.
 struct Worker {
-    inner: Arc<Inner>,
-    /// Shared with in-flight attempts (cloned per attempt, so not copied each time).
-    config: Arc<DestinationConfig>,
-    /// Connections for a plain-HTTP destination; `None`: reqwest sends.
-    plain: Option<Arc<plain::Pool>>,
+    /// What each attempt gets a (cheap) clone of.
+    lane: Attempter,
     backoff: Backoff,
     bucket: Option<TokenBucket>,
     queued_bytes: Arc<AtomicU64>,
@@ -279,13 +278,13 @@ impl Worker {
         let mut in_flight: JoinSet<(Queued, Result<Outcome, StoreError>, Duration)> =
             JoinSet::new();
         let depth =
-            metrics::gauge!("imrelay_queue_depth", "destination" => self.config.name.clone());
+            metrics::gauge!("imrelay_queue_depth", "destination" => self.lane.config.name.clone());
         loop {
             depth.set((heap.len() + in_flight.len()) as f64);
             let now = now_ms();
             // Start whatever is due, within the concurrency and rate limits.
             let mut wait_ms: Option<u64> = None;
-            while in_flight.len() < self.config.concurrency {
+            while in_flight.len() < self.lane.config.concurrency {
                 let Some(Reverse((due, _, _, _))) = heap.peek().copied() else {
                     break;
                 };
@@ -310,11 +309,7 @@ impl Worker {
                 if let Some(f) = &body {
                     fresh_bytes -= f.body.len() as u64;
                 }
-                let lane = Attempter {
-                    inner: self.inner.clone(),
-                    config: self.config.clone(),
-                    plain: self.plain.clone(),
-                };
+                let lane = self.lane.clone();
                 in_flight.spawn(async move {
                     let started = Instant::now();
                     let outcome = lane.attempt(seq, body).await;
@@ -348,7 +343,7 @@ impl Worker {
             }
         }
         // Shutting down: give in-flight attempts the grace period, then leave the rest on disk.
-        let deadline = tokio::time::Instant::now() + self.inner.grace;
+        let deadline = tokio::time::Instant::now() + self.lane.inner.grace;
         while !in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, in_flight.join_next()).await {
                 Ok(Some(Ok((job, outcome, took)))) => {
@@ -357,7 +352,7 @@ impl Worker {
                 Ok(Some(Err(_))) => {}
                 Ok(None) => break,
                 Err(_) => {
-                    tracing::warn!(destination = %self.config.name, left = in_flight.len(), "shutdown grace over; unfinished deliveries will be retried after restart");
+                    tracing::warn!(destination = %self.lane.config.name, left = in_flight.len(), "shutdown grace over; unfinished deliveries will be retried after restart");
                     in_flight.abort_all();
                     break;
                 }
@@ -376,7 +371,7 @@ impl Worker {
         match outcome {
             Ok(outcome) => self.settle(job, outcome, took),
             Err(e) => {
-                tracing::warn!(destination = %self.config.name, seq = job.seq, error = %e, "delivery postponed: its row could not be read");
+                tracing::warn!(destination = %self.lane.config.name, seq = job.seq, error = %e, "delivery postponed: its row could not be read");
                 let next = now_ms() + STORAGE_WAIT.as_millis() as u64;
                 Some(Reverse((next, job.seq, job.attempts, job.size)))
             }
@@ -385,9 +380,9 @@ impl Worker {
 
     /// Records an attempt's outcome; returns the job again when it is to be retried.
     fn settle(&mut self, job: Queued, outcome: Outcome, took: Duration) -> Option<Due> {
-        let name = &self.config.name;
+        let name = &self.lane.config.name;
         self.metrics.duration.record(took.as_secs_f64());
-        let outbox = &self.inner.outbox;
+        let outbox = &self.lane.inner.outbox;
         let (status, error, retry_after) = match outcome {
             Outcome::Delivered => {
                 outbox.done(job.seq);
@@ -409,7 +404,7 @@ impl Worker {
         };
         let attempts = job.attempts + 1;
         match retry_after {
-            Some(after) if attempts < self.config.max_attempts => {
+            Some(after) if attempts < self.lane.config.max_attempts => {
                 let next = now_ms() + self.backoff.delay(job.attempts, after).as_millis() as u64;
                 tracing::debug!(destination = %name, seq = job.seq, attempts, error = %attempt.error, "delivery failed; will retry");
                 outbox.retry(job.seq, attempt, next);
@@ -428,9 +423,11 @@ impl Worker {
 }
 
 /// What an attempt needs of its lane.
+#[derive(Clone)]
 struct Attempter {
     inner: Arc<Inner>,
     config: Arc<DestinationConfig>,
+    /// Connections for a plain-HTTP destination; `None`: reqwest sends.
     plain: Option<Arc<plain::Pool>>,
 }
 

@@ -62,6 +62,8 @@ pub struct Journaled {
 struct Shared {
     main: FileBackend,
     held: Mutex<Held>,
+    /// [`SWITCH_PAGES`]; smaller in tests.
+    switch_pages: usize,
 }
 
 /// Pages written but not yet in the database file.
@@ -76,6 +78,10 @@ struct Held {
     /// Set by a failed journal write or checkpoint: from then on every operation fails, and
     /// redb's writer reopens the database, which replays the journals.
     failed: Option<String>,
+    /// A transaction wrote more pages than may be held: until its sync, writes go straight to
+    /// the file, as with a plain file, and the sync then syncs the file and empties the
+    /// journals (whose older records must never be replayed over it).
+    direct: bool,
 }
 
 /// What only the thread that commits touches.
@@ -89,9 +95,8 @@ struct Writer {
     synced_len: u64,
     record: Vec<u8>,
     checkpoint: Option<JoinHandle<io::Result<()>>>,
-    /// [`SWITCH_BYTES`] and [`SWITCH_PAGES`]; smaller in tests.
+    /// [`SWITCH_BYTES`]; smaller in tests.
     switch_bytes: u64,
-    switch_pages: usize,
 }
 
 fn lock(held: &Mutex<Held>) -> MutexGuard<'_, Held> {
@@ -131,12 +136,17 @@ impl Journaled {
             Err(TryLockError::Error(e)) => return Err(e.into()),
         }
         let main = FileBackend::new(open(path)?).map_err(|e| io::Error::other(e.to_string()))?;
+        // The journals' names must survive a power cut as well as their contents.
+        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(folder)?.sync_all()?;
+        }
         let generation = recover(&main, &journals)?;
         let synced_len = main.len()?;
         Ok(Journaled {
             shared: Arc::new(Shared {
                 main,
                 held: Mutex::default(),
+                switch_pages,
             }),
             writer: Mutex::new(Writer {
                 journals,
@@ -147,7 +157,6 @@ impl Journaled {
                 record: Vec::new(),
                 checkpoint: None,
                 switch_bytes,
-                switch_pages,
             }),
         })
     }
@@ -174,6 +183,16 @@ impl Journaled {
         let len = self.shared.main.len()?;
         {
             let mut held = self.held()?;
+            if held.direct {
+                self.shared.main.sync_data()?;
+                empty(&w.journals)?;
+                w.active = 0;
+                w.offset = 0;
+                w.generation += 1;
+                w.synced_len = len;
+                held.direct = false;
+                return Ok(());
+            }
             if held.unsynced.is_empty() && len == w.synced_len {
                 return Ok(());
             }
@@ -209,8 +228,8 @@ impl Journaled {
         journal.sync_data()?;
         w.offset += w.record.len() as u64;
         w.synced_len = len;
-        let full =
-            w.offset >= w.switch_bytes || lock(&self.shared.held).pages.len() >= w.switch_pages;
+        let full = w.offset >= w.switch_bytes
+            || lock(&self.shared.held).pages.len() >= self.shared.switch_pages;
         if full {
             self.switch(w)?;
         }
@@ -254,6 +273,22 @@ impl Journaled {
             self.fail(e);
         }
         result
+    }
+
+    /// Stops holding pages for the rest of this transaction (see [`Held::direct`]): what is
+    /// held goes into the file first, where readers find it once it is no longer held.
+    fn go_direct(&self) -> io::Result<()> {
+        let mut w = self.writer();
+        self.finish_checkpoint(&mut w)?;
+        let mut held = self.held()?;
+        let len = self.shared.main.len()?;
+        for (n, page) in &held.pages {
+            write_clipped(&self.shared.main, *n, page, len)?;
+        }
+        held.pages.clear();
+        held.unsynced.clear();
+        held.direct = true;
+        Ok(())
     }
 }
 
@@ -320,32 +355,65 @@ fn recover(main: &FileBackend, journals: &[File; 2]) -> io::Result<u64> {
     let mut replayed = false;
     for (_, records) in &found {
         for record in records {
-            let len = u64::from_le_bytes(record[12..20].try_into().unwrap());
-            let count = u32::from_le_bytes(record[20..24].try_into().unwrap()) as usize;
-            let pages = &record[HEADER + 8 * count..];
-            if main.len()? < len {
-                main.set_len(len)?;
-            }
-            for i in 0..count {
-                let at = HEADER + 8 * i;
-                let n = u64::from_le_bytes(record[at..at + 8].try_into().unwrap());
-                let page = &pages[i * PAGE as usize..(i + 1) * PAGE as usize];
-                write_clipped(main, n, page, len)?;
-            }
-            main.set_len(len)?;
+            replay(main, record)?;
             replayed = true;
         }
     }
     if replayed {
         main.sync_data()?;
     }
-    for journal in journals {
-        if journal.metadata()?.len() > 0 {
-            journal.set_len(0)?;
-            journal.sync_all()?;
+    empty(journals)?;
+    Ok(newest)
+}
+
+/// Writes one record's pages into the file and gives it the length it had at that sync.
+fn replay(main: &FileBackend, record: &[u8]) -> io::Result<()> {
+    let len = u64::from_le_bytes(record[12..20].try_into().unwrap());
+    let count = u32::from_le_bytes(record[20..24].try_into().unwrap()) as usize;
+    let pages = &record[HEADER + 8 * count..];
+    if main.len()? < len {
+        main.set_len(len)?;
+    }
+    for i in 0..count {
+        let at = HEADER + 8 * i;
+        let n = u64::from_le_bytes(record[at..at + 8].try_into().unwrap());
+        let page = &pages[i * PAGE as usize..(i + 1) * PAGE as usize];
+        write_clipped(main, n, page, len)?;
+    }
+    main.set_len(len)
+}
+
+/// Empties both journals once the file holds everything in them, the one with older records
+/// first, each for good before the next: a crash in between must leave the newer one, which
+/// replays harmlessly over the file; the older one alone would turn pages back.
+fn empty(journals: &[File; 2]) -> io::Result<()> {
+    for n in emptying_order(journals)? {
+        if journals[n].metadata()?.len() > 0 {
+            journals[n].set_len(0)?;
+            journals[n].sync_all()?;
         }
     }
-    Ok(newest)
+    Ok(())
+}
+
+/// The journals, the one whose first record is of the older generation first. A journal just
+/// switched to still starts with the records it held before, the oldest of all.
+fn emptying_order(journals: &[File; 2]) -> io::Result<[usize; 2]> {
+    let mut generations = [0u64; 2];
+    for (n, journal) in journals.iter().enumerate() {
+        let mut header = [0u8; HEADER];
+        if journal.metadata()?.len() >= HEADER as u64 {
+            journal.read_exact_at(&mut header, 0)?;
+            if u32::from_le_bytes(header[0..4].try_into().unwrap()) == MAGIC {
+                generations[n] = u64::from_le_bytes(header[4..12].try_into().unwrap());
+            }
+        }
+    }
+    Ok(if generations[0] <= generations[1] {
+        [0, 1]
+    } else {
+        [1, 0]
+    })
 }
 
 /// The complete records at the start of a journal, all of one generation, and that generation
@@ -357,9 +425,12 @@ fn records(journal: &File) -> io::Result<(u64, Vec<Vec<u8>>)> {
     let mut offset = 0u64;
     loop {
         let mut header = [0u8; HEADER];
-        if offset + HEADER as u64 > size || journal.read_exact_at(&mut header, offset).is_err() {
+        if offset + HEADER as u64 > size {
             break;
         }
+        // A read error is not a torn record: it must not end the replay (and then have the
+        // journal emptied) as if the records after it did not exist.
+        journal.read_exact_at(&mut header, offset)?;
         let magic = u32::from_le_bytes(header[0..4].try_into().unwrap());
         let this = u64::from_le_bytes(header[4..12].try_into().unwrap());
         let count = u32::from_le_bytes(header[20..24].try_into().unwrap()) as u64;
@@ -388,7 +459,16 @@ impl StorageBackend for Journaled {
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
         let held = self.held()?;
-        if held.pages.is_empty() && held.checkpointing.is_none() {
+        let is_held = |n: u64| {
+            held.pages.contains_key(&n)
+                || held
+                    .checkpointing
+                    .as_ref()
+                    .is_some_and(|c| c.contains_key(&n))
+        };
+        if !pieces(offset, out.len()).any(|(_, n, _, _)| is_held(n)) {
+            // Read without the lock: what is not held now is in the file and stays there
+            // while any reader can see it (redb never rewrites a page a reader can reach).
             drop(held);
             return self.shared.main.read(offset, out);
         }
@@ -443,6 +523,15 @@ impl StorageBackend for Journaled {
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut held = self.held()?;
+        if !held.direct && held.pages.len() >= self.shared.switch_pages * 2 {
+            drop(held);
+            self.go_direct()?;
+            held = self.held()?;
+        }
+        if held.direct {
+            drop(held);
+            return self.shared.main.write(offset, data);
+        }
         let held = &mut *held;
         for (pos, n, within, step) in pieces(offset, data.len()) {
             if !held.pages.contains_key(&n) {
@@ -477,15 +566,13 @@ impl StorageBackend for Journaled {
         let result = self.finish_checkpoint(&mut w).and_then(|()| {
             let pages = {
                 let mut held = self.held()?;
-                if !held.unsynced.is_empty() {
+                if !held.unsynced.is_empty() || held.direct {
                     return Ok(());
                 }
                 std::mem::take(&mut held.pages)
             };
             self.shared.copy_in(&pages)?;
-            for journal in &w.journals {
-                journal.set_len(0)?;
-            }
+            empty(&w.journals)?;
             w.offset = 0;
             Ok(())
         });
@@ -627,6 +714,104 @@ mod tests {
             .unwrap();
         assert!(generation > 20, "only {generation} journal generations");
         drop(db);
+    }
+
+    /// The journals are emptied older first: a crash between the two steps leaves the newer
+    /// one, and the next open still finds the last commit. Checked at moments where either
+    /// journal is the newer one, by carrying out only the first step on a crash image (the
+    /// file already holds everything then, as after a replay).
+    #[test]
+    fn a_crash_while_emptying_the_journals_loses_nothing() {
+        let live = tempfile::tempdir().unwrap();
+        let db = open(live.path());
+        let mut model = BTreeMap::new();
+        let mut checked = [false; 2];
+        for i in 0..400u64 {
+            commit(&db, &mut model, i);
+            let journals =
+                |dir: &Path| [0, 1].map(|n| File::open(journal_path(&dir.join("db"), n)).unwrap());
+            let [first, _] = emptying_order(&journals(live.path())).unwrap();
+            let both = journals(live.path()).map(|j| !records(&j).unwrap().1.is_empty());
+            if both != [true, true] || checked[first] {
+                continue;
+            }
+            checked[first] = true;
+            let image = tempfile::tempdir().unwrap();
+            crash_image(live.path(), image.path());
+            // Replay both into the file, as an open does, keeping the journals.
+            let main = FileBackend::new(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(image.path().join("db"))
+                    .unwrap(),
+            )
+            .unwrap();
+            let kept = journals(image.path()).map(|j| records(&j).unwrap());
+            for (_, records) in {
+                let mut k = kept.to_vec();
+                k.sort_by_key(|(g, _)| *g);
+                k
+            } {
+                for record in records {
+                    replay(&main, &record).unwrap();
+                }
+            }
+            main.sync_data().unwrap();
+            drop(main);
+            // The first step only, then the crash.
+            let first_path = journal_path(&image.path().join("db"), first);
+            OpenOptions::new()
+                .write(true)
+                .open(first_path)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+            assert_eq!(contents(&open(image.path())), model, "after commit {i}");
+        }
+        assert_eq!(checked, [true, true]);
+    }
+
+    /// A transaction far larger than the pages held in memory is written through to the file
+    /// instead of being held whole, and survives a crash right after its commit.
+    #[test]
+    fn a_huge_transaction_is_not_held_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Journaled::open_with(&dir.path().join("db"), 64 << 10, 64).unwrap();
+        let shared = storage.shared.clone();
+        let db = redb::Builder::new()
+            .set_cache_size(1 << 20)
+            .create_with_backend(storage)
+            .unwrap();
+        let mut model = BTreeMap::new();
+        for i in 0..30 {
+            commit(&db, &mut model, i);
+        }
+        let before = model.clone();
+        let w = db.begin_write().unwrap();
+        {
+            let mut t = w.open_table(T).unwrap();
+            for i in 100..2_100u64 {
+                let v = vec![(i % 251) as u8; 8_000];
+                t.insert(i, v.as_slice()).unwrap();
+                model.insert(i, v);
+                let held = lock(&shared.held).pages.len();
+                assert!(held <= 2 * 64 + 16, "{held} pages held at row {i}");
+                if i == 1_500 {
+                    // A crash in the middle of it: the commits before are all there.
+                    assert!(lock(&shared.held).direct);
+                    let image = tempfile::tempdir().unwrap();
+                    crash_image(dir.path(), image.path());
+                    assert_eq!(contents(&open(image.path())), before);
+                }
+            }
+        }
+        w.commit().unwrap();
+        let image = tempfile::tempdir().unwrap();
+        crash_image(dir.path(), image.path());
+        assert_eq!(contents(&open(image.path())), model);
+        commit(&db, &mut model, 5_000);
+        assert_eq!(contents(&db), model);
     }
 
     /// A database closed cleanly is whole in its own file: the journals are empty and a plain

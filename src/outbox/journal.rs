@@ -346,18 +346,15 @@ fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (usize, u64, usize, u
 /// Replays both journals into the file, the older first, syncs it and empties the journals.
 /// Returns the newest generation seen.
 fn recover(main: &FileBackend, journals: &[File; 2]) -> io::Result<u64> {
-    let mut found = Vec::new();
-    for journal in journals {
-        found.push(records(journal)?);
-    }
-    found.sort_by_key(|(generation, _)| *generation);
-    let newest = found.last().map_or(0, |(generation, _)| *generation);
+    let mut newest = 0;
     let mut replayed = false;
-    for (_, records) in &found {
-        for record in records {
-            replay(main, record)?;
+    // One record at a time: after a crash under load the journals hold tens of megabytes.
+    for n in emptying_order(journals)? {
+        let generation = scan(&journals[n], |record| {
             replayed = true;
-        }
+            replay(main, record)
+        })?;
+        newest = newest.max(generation);
     }
     if replayed {
         main.sync_data()?;
@@ -416,13 +413,13 @@ fn emptying_order(journals: &[File; 2]) -> io::Result<[usize; 2]> {
     })
 }
 
-/// The complete records at the start of a journal, all of one generation, and that generation
-/// (0 for none). Each record is returned whole, checksum excluded.
-fn records(journal: &File) -> io::Result<(u64, Vec<Vec<u8>>)> {
+/// Hands each complete record at the start of a journal, all of one generation, to `each`
+/// (checksum excluded), in order; returns that generation (0 for none).
+fn scan(journal: &File, mut each: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<u64> {
     let size = journal.metadata()?.len();
-    let mut out = Vec::new();
     let mut generation = 0;
     let mut offset = 0u64;
+    let mut record = Vec::new();
     loop {
         let mut header = [0u8; HEADER];
         if offset + HEADER as u64 > size {
@@ -438,18 +435,17 @@ fn records(journal: &File) -> io::Result<(u64, Vec<Vec<u8>>)> {
         if magic != MAGIC || (generation != 0 && this != generation) || offset + total > size {
             break;
         }
-        let mut record = vec![0u8; total as usize];
+        record.resize(total as usize, 0);
         journal.read_exact_at(&mut record, offset)?;
         let (body, crc) = record.split_at(total as usize - 4);
         if crc32fast::hash(body).to_le_bytes() != crc {
             break;
         }
-        record.truncate(total as usize - 4);
         generation = this;
-        out.push(record);
+        each(body)?;
         offset += total;
     }
-    Ok((generation, out))
+    Ok(generation)
 }
 
 impl StorageBackend for Journaled {
@@ -615,6 +611,16 @@ mod tests {
     use super::*;
 
     const T: TableDefinition<u64, &[u8]> = TableDefinition::new("t");
+
+    /// A journal's complete records and their generation.
+    fn records(journal: &File) -> io::Result<(u64, Vec<Vec<u8>>)> {
+        let mut out = Vec::new();
+        let generation = scan(journal, |record| {
+            out.push(record.to_vec());
+            Ok(())
+        })?;
+        Ok((generation, out))
+    }
 
     /// Switches every ~64 KiB of journal, so that a few hundred commits go through many
     /// checkpoints and both journals.

@@ -39,8 +39,42 @@ const SWITCH_BYTES: u64 = 16 << 20;
 const SWITCH_PAGES: usize = 1024;
 /// "IMRJ": the start of every journal record.
 const MAGIC: u32 = 0x494d_524a;
-/// Magic, generation, file length, page count.
+/// The size of a [`Header`].
 const HEADER: usize = 4 + 8 + 8 + 4;
+
+/// What starts a journal record: [`MAGIC`], the journal's generation, the file's length at
+/// that sync, and how many pages follow (their numbers, then their contents, then a CRC-32 of
+/// everything before it).
+struct Header {
+    magic: u32,
+    generation: u64,
+    len: u64,
+    count: u32,
+}
+
+impl Header {
+    fn parse(bytes: &[u8]) -> Header {
+        let at = |range: std::ops::Range<usize>| &bytes[range];
+        Header {
+            magic: u32::from_le_bytes(at(0..4).try_into().unwrap()),
+            generation: u64::from_le_bytes(at(4..12).try_into().unwrap()),
+            len: u64::from_le_bytes(at(12..20).try_into().unwrap()),
+            count: u32::from_le_bytes(at(20..24).try_into().unwrap()),
+        }
+    }
+
+    fn write(&self, record: &mut Vec<u8>) {
+        record.extend_from_slice(&self.magic.to_le_bytes());
+        record.extend_from_slice(&self.generation.to_le_bytes());
+        record.extend_from_slice(&self.len.to_le_bytes());
+        record.extend_from_slice(&self.count.to_le_bytes());
+    }
+
+    /// The whole record's size, checksum included.
+    fn record_size(&self) -> u64 {
+        HEADER as u64 + u64::from(self.count) * (8 + PAGE) + 4
+    }
+}
 
 /// Why a data folder cannot be opened through the journal.
 #[derive(Debug, thiserror::Error)]
@@ -199,10 +233,13 @@ impl Journaled {
             let unsynced = std::mem::take(&mut held.unsynced);
             let record = &mut w.record;
             record.clear();
-            record.extend_from_slice(&MAGIC.to_le_bytes());
-            record.extend_from_slice(&w.generation.to_le_bytes());
-            record.extend_from_slice(&len.to_le_bytes());
-            record.extend_from_slice(&(unsynced.len() as u32).to_le_bytes());
+            let header = Header {
+                magic: MAGIC,
+                generation: w.generation,
+                len,
+                count: unsynced.len() as u32,
+            };
+            header.write(record);
             for n in &unsynced {
                 record.extend_from_slice(&n.to_le_bytes());
             }
@@ -372,8 +409,8 @@ fn recover(main: &FileBackend, journals: &[File; 2]) -> io::Result<u64> {
 
 /// Writes one record's pages into the file and gives it the length it had at that sync.
 fn replay(main: &FileBackend, record: &[u8]) -> io::Result<()> {
-    let len = u64::from_le_bytes(record[12..20].try_into().unwrap());
-    let count = u32::from_le_bytes(record[20..24].try_into().unwrap()) as usize;
+    let Header { len, count, .. } = Header::parse(record);
+    let count = count as usize;
     let pages = &record[HEADER + 8 * count..];
     if main.len()? < len {
         main.set_len(len)?;
@@ -408,8 +445,9 @@ fn emptying_order(journals: &[File; 2]) -> io::Result<[usize; 2]> {
         let mut header = [0u8; HEADER];
         if journal.metadata()?.len() >= HEADER as u64 {
             journal.read_exact_at(&mut header, 0)?;
-            if u32::from_le_bytes(header[0..4].try_into().unwrap()) == MAGIC {
-                generations[n] = u64::from_le_bytes(header[4..12].try_into().unwrap());
+            let header = Header::parse(&header);
+            if header.magic == MAGIC {
+                generations[n] = header.generation;
             }
         }
     }
@@ -435,11 +473,11 @@ fn scan(journal: &File, mut each: impl FnMut(&[u8]) -> io::Result<()>) -> io::Re
         // A read error is not a torn record: it must not end the replay (and then have the
         // journal emptied) as if the records after it did not exist.
         journal.read_exact_at(&mut header, offset)?;
-        let magic = u32::from_le_bytes(header[0..4].try_into().unwrap());
-        let this = u64::from_le_bytes(header[4..12].try_into().unwrap());
-        let count = u32::from_le_bytes(header[20..24].try_into().unwrap()) as u64;
-        let total = HEADER as u64 + count * (8 + PAGE) + 4;
-        if magic != MAGIC || (generation != 0 && this != generation) || offset + total > size {
+        let header = Header::parse(&header);
+        let total = header.record_size();
+        let this = header.generation;
+        if header.magic != MAGIC || (generation != 0 && this != generation) || offset + total > size
+        {
             break;
         }
         record.resize(total as usize, 0);

@@ -1,16 +1,18 @@
 //! The durable outbox: every delivery a callback produces is on disk before its 200 goes out.
 //!
-//! Storage is redb (pure Rust, fsync on every commit, real transactions). One writer thread
-//! owns all writes and commits them in batches (group commit): concurrent callbacks share one
-//! fsync, which is what makes durability affordable at thousands of callbacks a second.
-//! Delivery workers read rows directly; they report outcomes back to the writer, which stores
-//! attempt counts and next-attempt times so backoff survives a restart.
+//! Storage is redb (pure Rust, fsync on every commit, real transactions), on a backend that
+//! makes each commit one sequential journal write (`journal.rs`). One writer thread owns all
+//! writes and commits them in batches (group commit): concurrent callbacks share one fsync,
+//! which is what makes durability affordable at thousands of callbacks a second. Delivery
+//! workers read rows directly; they report outcomes back to the writer, which stores attempt
+//! counts and next-attempt times so backoff survives a restart.
 //!
 //! A failed commit (an I/O error, a full disk) leaves redb refusing every later transaction
-//! until the database is opened again. The writer then closes it and reopens it (redb repairs
-//! it from the last good commit), at most every [`REOPEN_EVERY`], and stays alive throughout:
-//! meanwhile callbacks that need storage get a 503 (Tencent sends them again) and delivery
-//! outcomes are kept and committed once storage is back, so an outage delays but loses nothing.
+//! until the database is opened again. The writer then closes it and reopens it (the journal is
+//! replayed, and redb repairs it from the last good commit), at most every [`REOPEN_EVERY`],
+//! and stays alive throughout: meanwhile callbacks that need storage get a 503 (Tencent sends
+//! them again) and delivery outcomes are kept and committed once storage is back, so an outage
+//! delays but loses nothing.
 
 mod journal;
 mod row;

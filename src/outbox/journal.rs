@@ -387,9 +387,17 @@ fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (usize, u64, usize, u
     })
 }
 
-/// Replays both journals into the file, the older first, syncs it and empties the journals.
-/// Returns the newest generation seen.
+/// Replays both journals into the file, syncs it and empties the journals. Returns the newest
+/// generation seen.
 fn recover(main: &FileBackend, journals: &[File; 2]) -> io::Result<u64> {
+    let newest = replay_all(main, journals)?;
+    empty(journals)?;
+    Ok(newest)
+}
+
+/// Replays both journals into the file, the older first, and syncs it if anything was
+/// replayed. Returns the newest generation seen.
+fn replay_all(main: &FileBackend, journals: &[File; 2]) -> io::Result<u64> {
     let mut newest = 0;
     let mut replayed = false;
     // One record at a time: after a crash under load the journals hold tens of megabytes.
@@ -403,7 +411,6 @@ fn recover(main: &FileBackend, journals: &[File; 2]) -> io::Result<u64> {
     if replayed {
         main.sync_data()?;
     }
-    empty(journals)?;
     Ok(newest)
 }
 
@@ -798,17 +805,7 @@ mod tests {
                     .unwrap(),
             )
             .unwrap();
-            let kept = journals(image.path()).map(|j| records(&j).unwrap());
-            for (_, records) in {
-                let mut k = kept.to_vec();
-                k.sort_by_key(|(g, _)| *g);
-                k
-            } {
-                for record in records {
-                    replay(&main, &record).unwrap();
-                }
-            }
-            main.sync_data().unwrap();
+            replay_all(&main, &journals(image.path())).unwrap();
             drop(main);
             // The first step only, then the crash.
             let first_path = journal_path(&image.path().join("db"), first);

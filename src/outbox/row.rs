@@ -42,7 +42,9 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(d: &NewDelivery, now_ms: u64) -> Row {
+    /// A delivery not attempted yet, as [`Row::encode_new`] stores it (the test of that).
+    #[cfg(test)]
+    fn new(d: &NewDelivery, now_ms: u64) -> Row {
         Row::from_header(Header::new(d, now_ms), d.body.to_vec())
     }
 

@@ -57,8 +57,10 @@ struct Options {
     ready_runs: usize,
     imrelay: PathBuf,
     only: Option<String>,
-    /// Only drive this already running server (closed loop), for profiling it.
+    /// Only drive this already running server, for profiling it: closed loop, or at `rate`
+    /// when `--rate` is given.
     drive: Option<SocketAddr>,
+    rate_given: bool,
     /// Tokio worker threads for the servers under test (`TOKIO_WORKER_THREADS`); default: cores.
     workers: Option<u64>,
 }
@@ -76,6 +78,7 @@ impl Options {
             imrelay: examples.parent().expect("profile dir").join("imrelay"),
             only: None,
             drive: None,
+            rate_given: false,
             workers: None,
         };
         let mut args = std::env::args().skip(1);
@@ -85,7 +88,10 @@ impl Options {
                 "--duration" => o.duration = Duration::from_secs(num(&value())),
                 "--warmup" => o.warmup = Duration::from_secs(num(&value())),
                 "--connections" => o.connections = num(&value()) as usize,
-                "--rate" => o.rate = num(&value()),
+                "--rate" => {
+                    o.rate = num(&value());
+                    o.rate_given = true;
+                }
                 "--ready-runs" => o.ready_runs = num(&value()) as usize,
                 "--workers" => o.workers = Some(num(&value())),
                 "--imrelay" => {
@@ -745,10 +751,13 @@ fn main() {
     let local = tokio::task::LocalSet::new();
     if let Some(addr) = opts.drive {
         let payload = Payload::new("group-after-send-text.json", QUERY_AFTER);
-        let p = local.block_on(
-            &runtime,
-            closed_loop(addr, &payload, opts.connections, opts.duration),
-        );
+        let p = local.block_on(&runtime, async {
+            if opts.rate_given {
+                fixed_rate(addr, &payload, opts.connections, opts.rate, opts.duration).await
+            } else {
+                closed_loop(addr, &payload, opts.connections, opts.duration).await
+            }
+        });
         println!(
             "{addr}: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, non-200 {}",
             p.rps(),

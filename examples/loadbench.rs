@@ -475,6 +475,67 @@ struct Outcome {
     idle_mb: f64,
     peak_mb: f64,
     sink_check: Option<(u64, u64, Duration)>,
+    /// With the outbox on: its commits during the fixed-rate phase.
+    commits: Option<Commits>,
+}
+
+/// How long the outbox's commits took during a phase, from imrelay's
+/// `imrelay_outbox_commit_seconds` histogram: an answer waits for its commit, so one slow
+/// commit (a storage stall) delays every callback that arrives meanwhile.
+struct Commits {
+    count: u64,
+    over_2_5_ms: u64,
+    over_25_ms: u64,
+    /// The upper bound of the highest bucket a commit fell in, in ms.
+    longest_under_ms: f64,
+}
+
+/// The cumulative buckets (upper bound in seconds, count) of the commit-time histogram.
+async fn commit_buckets(addr: SocketAddr) -> Vec<(f64, u64)> {
+    let Some((200, body)) = get(addr, "/metrics").await else {
+        return Vec::new();
+    };
+    let prefix = "imrelay_outbox_commit_seconds_bucket{le=\"";
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter_map(|line| {
+            let (le, count) = line.strip_prefix(prefix)?.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+impl Commits {
+    fn between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<Commits> {
+        let diff: Vec<(f64, u64)> = after
+            .iter()
+            .map(|(le, n)| {
+                let was = before.iter().find(|(b, _)| b == le).map_or(0, |(_, c)| *c);
+                (*le, n.saturating_sub(was))
+            })
+            .collect();
+        let count = diff.last()?.1;
+        let within = |bound: f64| {
+            diff.iter()
+                .find(|(le, _)| *le >= bound)
+                .map_or(0, |(_, n)| *n)
+        };
+        let longest_under_ms = diff
+            .iter()
+            .find(|(_, n)| *n == count)
+            .map_or(f64::INFINITY, |(le, _)| le * 1e3);
+        Some(Commits {
+            count,
+            over_2_5_ms: count - within(0.0025),
+            over_25_ms: count - within(0.025),
+            longest_under_ms,
+        })
+    }
 }
 
 fn imrelay_config(dir: &Path, addr: SocketAddr, sink: SocketAddr) -> String {
@@ -598,7 +659,10 @@ async fn run_scenario(opts: &Options, work: &Path, s: &Scenario) -> Outcome {
     let cpu_before = server.cpu_seconds();
     let closed = closed_loop(addr, &payload, opts.connections, opts.duration).await;
     let cpu_us = (server.cpu_seconds() - cpu_before) * 1e6 / closed.ok as f64;
+    let buckets_before = commit_buckets(addr).await;
     let fixed = fixed_rate(addr, &payload, opts.connections, opts.rate, opts.duration).await;
+    let commits =
+        Commits::between(&buckets_before, &commit_buckets(addr).await).filter(|c| c.count > 0);
     let (_, peak_mb) = server.memory();
     for (phase, p) in [("closed loop", &closed), ("fixed rate", &fixed)] {
         eprintln!(
@@ -609,6 +673,12 @@ async fn run_scenario(opts: &Options, work: &Path, s: &Scenario) -> Outcome {
             p.ms(0.99),
             p.ms(0.999),
             p.ms(1.0)
+        );
+    }
+    if let Some(c) = &commits {
+        eprintln!(
+            "  fixed rate: {} outbox commits, {} over 2.5 ms, {} over 25 ms, the longest ≤ {} ms",
+            c.count, c.over_2_5_ms, c.over_25_ms, c.longest_under_ms
         );
     }
 
@@ -643,6 +713,7 @@ async fn run_scenario(opts: &Options, work: &Path, s: &Scenario) -> Outcome {
         idle_mb,
         peak_mb,
         sink_check,
+        commits,
     }
 }
 
@@ -895,8 +966,14 @@ fn print_report(opts: &Options, outcomes: &[Outcome], ready: &[Duration]) {
             mark(r >= 0.40 && !lost)
         );
         let p = o.fixed.ms(0.99);
+        let stalls = o.commits.as_ref().map_or(String::new(), |c| {
+            format!(
+                " ({} of {} outbox commits took over 2.5 ms, {} over 25 ms; the longest ≤ {} ms)",
+                c.over_2_5_ms, c.count, c.over_25_ms, c.longest_under_ms
+            )
+        });
         println!(
-            "  p99 ≤ 2 ms at {}/s offered (every event forwarded): {p:.2} ms — {}",
+            "  p99 ≤ 2 ms at {}/s offered (every event forwarded): {p:.2} ms — {}{stalls}",
             opts.rate,
             mark(p <= 2.0)
         );

@@ -476,30 +476,34 @@ struct Outcome {
     peak_mb: f64,
     sink_check: Option<(u64, u64, Duration)>,
     /// With the outbox on: its commits during the fixed-rate phase.
-    commits: Option<Commits>,
+    commits: Option<Tail>,
+    /// imrelay's own time per callback (from reading the request to the answer) during the
+    /// fixed-rate phase: what the load generator measures beyond it was spent outside the
+    /// handler (sockets, scheduling, the generator itself).
+    handled: Option<Tail>,
 }
 
-/// How long the outbox's commits took during a phase, from imrelay's
-/// `imrelay_outbox_commit_seconds` histogram: an answer waits for its commit, so one slow
-/// commit (a storage stall) delays every callback that arrives meanwhile.
-struct Commits {
+/// How many observations of one of imrelay's duration histograms fell in a phase, and how
+/// many of them were slow. For the outbox's commits: an answer waits for its commit, so one
+/// slow commit (a storage stall) delays every callback that arrives meanwhile.
+struct Tail {
     count: u64,
     over_2_5_ms: u64,
     over_25_ms: u64,
-    /// The upper bound of the highest bucket a commit fell in, in ms.
+    /// The upper bound of the highest bucket anything fell in, in ms.
     longest_under_ms: f64,
 }
 
-/// The cumulative buckets (upper bound in seconds, count) of the commit-time histogram.
-async fn commit_buckets(addr: SocketAddr) -> Vec<(f64, u64)> {
+/// The cumulative buckets (upper bound in seconds, count) of the histogram `name`.
+async fn buckets(addr: SocketAddr, name: &str) -> Vec<(f64, u64)> {
     let Some((200, body)) = get(addr, "/metrics").await else {
         return Vec::new();
     };
-    let prefix = "imrelay_outbox_commit_seconds_bucket{le=\"";
+    let prefix = format!("{name}_bucket{{le=\"");
     String::from_utf8_lossy(&body)
         .lines()
         .filter_map(|line| {
-            let (le, count) = line.strip_prefix(prefix)?.split_once("\"} ")?;
+            let (le, count) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
             let le = if le == "+Inf" {
                 f64::INFINITY
             } else {
@@ -510,8 +514,8 @@ async fn commit_buckets(addr: SocketAddr) -> Vec<(f64, u64)> {
         .collect()
 }
 
-impl Commits {
-    fn between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<Commits> {
+impl Tail {
+    fn between(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<Tail> {
         let diff: Vec<(f64, u64)> = after
             .iter()
             .map(|(le, n)| {
@@ -529,7 +533,7 @@ impl Commits {
             .iter()
             .find(|(_, n)| *n == count)
             .map_or(f64::INFINITY, |(le, _)| le * 1e3);
-        Some(Commits {
+        Some(Tail {
             count,
             over_2_5_ms: count - within(0.0025),
             over_25_ms: count - within(0.025),
@@ -659,10 +663,14 @@ async fn run_scenario(opts: &Options, work: &Path, s: &Scenario) -> Outcome {
     let cpu_before = server.cpu_seconds();
     let closed = closed_loop(addr, &payload, opts.connections, opts.duration).await;
     let cpu_us = (server.cpu_seconds() - cpu_before) * 1e6 / closed.ok as f64;
-    let buckets_before = commit_buckets(addr).await;
+    const COMMITS: &str = "imrelay_outbox_commit_seconds";
+    const HANDLED: &str = "imrelay_callback_duration_seconds";
+    let (commits_before, handled_before) =
+        (buckets(addr, COMMITS).await, buckets(addr, HANDLED).await);
     let fixed = fixed_rate(addr, &payload, opts.connections, opts.rate, opts.duration).await;
     let commits =
-        Commits::between(&buckets_before, &commit_buckets(addr).await).filter(|c| c.count > 0);
+        Tail::between(&commits_before, &buckets(addr, COMMITS).await).filter(|c| c.count > 0);
+    let handled = Tail::between(&handled_before, &buckets(addr, HANDLED).await);
     let (_, peak_mb) = server.memory();
     for (phase, p) in [("closed loop", &closed), ("fixed rate", &fixed)] {
         eprintln!(
@@ -675,11 +683,16 @@ async fn run_scenario(opts: &Options, work: &Path, s: &Scenario) -> Outcome {
             p.ms(1.0)
         );
     }
-    if let Some(c) = &commits {
-        eprintln!(
-            "  fixed rate: {} outbox commits, {} over 2.5 ms, {} over 25 ms, the longest ≤ {} ms",
-            c.count, c.over_2_5_ms, c.over_25_ms, c.longest_under_ms
-        );
+    for (what, tail) in [
+        ("outbox commits", &commits),
+        ("callbacks handled", &handled),
+    ] {
+        if let Some(t) = tail {
+            eprintln!(
+                "  fixed rate: {} {what}, {} over 2.5 ms, {} over 25 ms, the longest ≤ {} ms",
+                t.count, t.over_2_5_ms, t.over_25_ms, t.longest_under_ms
+            );
+        }
     }
 
     let sink_check = match &sink {
@@ -714,6 +727,7 @@ async fn run_scenario(opts: &Options, work: &Path, s: &Scenario) -> Outcome {
         peak_mb,
         sink_check,
         commits,
+        handled,
     }
 }
 
@@ -966,12 +980,24 @@ fn print_report(opts: &Options, outcomes: &[Outcome], ready: &[Duration]) {
             mark(r >= 0.40 && !lost)
         );
         let p = o.fixed.ms(0.99);
-        let stalls = o.commits.as_ref().map_or(String::new(), |c| {
-            format!(
-                " ({} of {} outbox commits took over 2.5 ms, {} over 25 ms; the longest ≤ {} ms)",
+        let mut why = Vec::new();
+        if let Some(c) = &o.commits {
+            why.push(format!(
+                "{} of {} outbox commits took over 2.5 ms, {} over 25 ms, the longest ≤ {} ms",
                 c.over_2_5_ms, c.count, c.over_25_ms, c.longest_under_ms
-            )
-        });
+            ));
+        }
+        if let Some(h) = &o.handled {
+            why.push(format!(
+                "imrelay's own time per callback: {} of {} over 2.5 ms, the longest ≤ {} ms",
+                h.over_2_5_ms, h.count, h.longest_under_ms
+            ));
+        }
+        let stalls = if why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", why.join("; "))
+        };
         println!(
             "  p99 ≤ 2 ms at {}/s offered (every event forwarded): {p:.2} ms — {}{stalls}",
             opts.rate,

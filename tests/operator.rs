@@ -241,6 +241,54 @@ async fn require_tests_refuses_a_reload_that_breaks_a_test() {
     assert_eq!(got[2].json()["v"], 2);
 }
 
+/// Every label value is a series kept until exit: callbacks refused before verification must
+/// not be able to add them, and verified command names are bounded too.
+#[tokio::test(flavor = "multi_thread")]
+async fn command_labels_are_bounded_and_refusals_cannot_add_them() {
+    let ws = Workspace::new(&config_with_sink("http://127.0.0.1:9/in", ""));
+    let imrelay = ws.start();
+    assert_eq!(imrelay.post(SEND, &message(1, json!({}))).await.0, 200);
+    // SdkAppid 1 is not the app's: refused before anything is verified.
+    for i in 0..20 {
+        let query = format!("SdkAppid=1&CallbackCommand=Made.Up{i}");
+        assert_eq!(
+            imrelay.post_query(&query, &message(2, json!({}))).await.0,
+            403
+        );
+    }
+    let query = format!("SdkAppid=1&CallbackCommand={SEND}");
+    assert_eq!(
+        imrelay.post_query(&query, &message(3, json!({}))).await.0,
+        403
+    );
+    // Verified: 127 more names get their own label (128 with SEND), the last three `other`.
+    for i in 0..130 {
+        let command = format!("Group.CallbackMadeUp{i}");
+        let body = message(4 + i, json!({ "CallbackCommand": command }));
+        assert_eq!(imrelay.post(&command, &body).await.0, 200);
+    }
+
+    let (_, metrics) = imrelay.get("/metrics").await;
+    let count = |labels: &[&str]| sample(&metrics, "imrelay_callbacks_total", labels);
+    assert_eq!(
+        count(&["command=\"unverified\"", "outcome=\"forbidden\""]),
+        Some(20.0)
+    );
+    assert_eq!(
+        count(&[&format!("command=\"{SEND}\""), "outcome=\"forbidden\""]),
+        Some(1.0)
+    );
+    assert_eq!(count(&["command=\"other\"", "outcome=\"ok\""]), Some(3.0));
+    assert!(!metrics.contains("Made.Up"), "{metrics}");
+    let named: std::collections::HashSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("imrelay_callbacks_total{"))
+        .filter_map(|l| l.split("command=\"").nth(1)?.split('"').next())
+        .filter(|c| !["unverified", "other", "invalid"].contains(c))
+        .collect();
+    assert_eq!(named.len(), 128, "{named:?}");
+}
+
 /// Runs a future to completion from inside a polling closure.
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))

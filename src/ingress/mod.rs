@@ -7,8 +7,9 @@
 pub mod answer;
 pub mod verify;
 
+use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -32,7 +33,13 @@ pub struct App {
     pub dispatcher: Dispatcher,
     /// `imrelay_callback_duration_seconds`, looked up once instead of per callback.
     callback_duration: metrics::Histogram,
+    /// The command names `imrelay_callbacks_total` counts under their own label.
+    command_labels: Mutex<HashSet<String>>,
 }
+
+/// Most command names `imrelay_callbacks_total` counts under their own label; later ones are
+/// counted as `other`. Tencent documents about 45 commands.
+const COMMAND_LABELS: usize = 128;
 
 impl App {
     pub fn new(config: Config, rules: Arc<Rules>, outbox: Outbox, dispatcher: Dispatcher) -> App {
@@ -42,6 +49,7 @@ impl App {
             outbox,
             dispatcher,
             callback_duration: metrics::histogram!("imrelay_callback_duration_seconds"),
+            command_labels: Mutex::default(),
         }
     }
 }
@@ -144,24 +152,39 @@ async fn handle(app: &App, raw_query: &str, body: Bytes) -> Response<HyperBytes>
     json_response(status, &answer)
 }
 
-/// Bounds the `command` metric label: only well-formed command names are kept.
-fn command_label(command: &str) -> String {
+/// Bounds the `command` metric label, since every label value is a series kept until exit. A
+/// refused callback names its command before anything is verified: it keeps the name only if
+/// a verified callback brought it first, so that whoever can reach the port cannot add series.
+/// Verified names are kept up to [`COMMAND_LABELS`]; malformed ones are `invalid`.
+fn command_label(app: &App, command: &str, verified: bool) -> String {
     let plausible = command.len() <= 64
         && command.contains('.')
         && command
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_');
-    if plausible {
+    if !plausible {
+        return "invalid".into();
+    }
+    let mut known = app
+        .command_labels
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if known.contains(command) {
+        command.to_string()
+    } else if !verified {
+        "unverified".into()
+    } else if known.len() < COMMAND_LABELS {
+        known.insert(command.to_string());
         command.to_string()
     } else {
-        "invalid".into()
+        "other".into()
     }
 }
 
 async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, String) {
     let query = Query::parse(raw_query);
     if let Err(refusal) = verify::verify(&query, &app.config.tencent) {
-        let label = command_label(query.callback.command.as_deref().unwrap_or(""));
+        let label = command_label(app, query.callback.command.as_deref().unwrap_or(""), false);
         tracing::info!(status = refusal.status(), reason = %refusal, "callback refused");
         return (
             refusal.status(),
@@ -173,12 +196,13 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, String
         match Event::from_callback(&query.callback, body, &app.config.tencent.bot_accounts) {
             Ok(e) => e,
             Err(e) => {
-                let label = command_label(query.callback.command.as_deref().unwrap_or(""));
+                let command = query.callback.command.as_deref().unwrap_or("");
+                let label = command_label(app, command, true);
                 tracing::info!(reason = %e, "callback refused");
                 return (400, answer::fail(400, &e.to_string()), label);
             }
         };
-    let label = command_label(&event.command);
+    let label = command_label(app, &event.command, true);
 
     let evaluation = if event.from_bot && app.config.rules.skip_bot_messages {
         Evaluation::default()

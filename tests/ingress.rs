@@ -191,6 +191,8 @@ async fn refusals_answer_in_tencents_shape_and_forward_nothing() {
         (good.replace("CallbackCommand=Group.CallbackAfterSendMsg&", ""), br#"{"GroupId":"x"}"#.to_vec(), 400),
         (good.replace("Group.CallbackAfterSendMsg", "C2C.CallbackAfterSendMsg"), body.clone(), 400),
         (good.clone(), vec![b' '; 4096], 413),
+        // Too large and unverified: its command is not taken as a metric label.
+        ("SdkAppid=1&CallbackCommand=Made.Up".into(), vec![b' '; 4096], 413),
     ];
     for (query, body, want) in &cases {
         let (status, answer) = imrelay.post_query(query, body).await;
@@ -199,6 +201,26 @@ async fn refusals_answer_in_tencents_shape_and_forward_nothing() {
         assert_ne!(answer["ErrorCode"], 0, "{query}");
         assert!(answer["ErrorInfo"].as_str().is_some_and(|s| !s.is_empty()));
     }
+    // Refusals are counted, the too-large ones too, under a command name only when verified.
+    let (_, metrics) = imrelay.get("/metrics").await;
+    let count = |command: &str, outcome: &str| {
+        let labels = [
+            format!("command=\"{command}\""),
+            format!("outcome=\"{outcome}\""),
+        ];
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("imrelay_callbacks_total{") && labels.iter().all(|x| l.contains(x))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let send = "Group.CallbackAfterSendMsg";
+    assert_eq!(count(send, "too_large"), Some(1.0), "{metrics}");
+    assert_eq!(count("unverified", "too_large"), Some(1.0), "{metrics}");
+    assert_eq!(count(send, "bad_request"), Some(2.0), "{metrics}");
+    assert!(!metrics.contains("Made.Up"), "{metrics}");
+
     // The valid, signed request goes through; it is the only one forwarded.
     let (status, _) = imrelay.post_query(&good, &body).await;
     assert_eq!(status, 200);

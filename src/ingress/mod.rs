@@ -64,7 +64,9 @@ pub fn routes(
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
     let body = warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
-        .and_then(move |length: Option<u64>, body| read_body(length, body, limit));
+        .and_then(move |length: Option<u64>, body| async move {
+            Ok::<_, Infallible>(read_body(length, body, limit).await)
+        });
     warp::post()
         .and(warp::path::full())
         .and_then(move |full: warp::path::FullPath| {
@@ -82,37 +84,39 @@ pub fn routes(
         .and(query)
         .and(body)
         .and(with_app)
-        .and_then(|query: String, body: Bytes, app: Arc<App>| async move {
-            Ok::<_, Infallible>(handle(&app, &query, body).await)
-        })
+        .and_then(
+            |query: String, body: Result<Bytes, BodyError>, app: Arc<App>| async move {
+                Ok::<_, Infallible>(handle(&app, &query, body).await)
+            },
+        )
 }
 
-/// The body was larger than `server.max_body_bytes`.
-#[derive(Debug)]
-struct TooLarge;
-impl warp::reject::Reject for TooLarge {}
-
-#[derive(Debug)]
-struct BodyUnreadable;
-impl warp::reject::Reject for BodyUnreadable {}
+/// Why a callback's body was not read.
+#[derive(Debug, Clone, Copy)]
+enum BodyError {
+    /// Larger than `server.max_body_bytes`.
+    TooLarge,
+    /// The connection failed while it was being read.
+    Unreadable,
+}
 
 /// Reads the body up to `limit` bytes: refused early by its Content-Length, or as soon as a
 /// chunked body passes the limit, so an oversized body is never held in memory.
-async fn read_body<S, B>(length: Option<u64>, body: S, limit: u64) -> Result<Bytes, Rejection>
+async fn read_body<S, B>(length: Option<u64>, body: S, limit: u64) -> Result<Bytes, BodyError>
 where
     S: futures_util::Stream<Item = Result<B, warp::Error>>,
     B: bytes::Buf,
 {
     use futures_util::StreamExt;
     if length.is_some_and(|n| n > limit) {
-        return Err(warp::reject::custom(TooLarge));
+        return Err(BodyError::TooLarge);
     }
     let mut out = bytes::BytesMut::with_capacity(length.unwrap_or(0) as usize);
     let mut body = std::pin::pin!(body);
     while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|_| warp::reject::custom(BodyUnreadable))?;
+        let mut chunk = chunk.map_err(|_| BodyError::Unreadable)?;
         if (out.len() + chunk.remaining()) as u64 > limit {
-            return Err(warp::reject::custom(TooLarge));
+            return Err(BodyError::TooLarge);
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();
@@ -134,14 +138,22 @@ pub fn json_response(status: u16, body: &Value) -> Response<HyperBytes> {
         .expect("static response parts are valid")
 }
 
-async fn handle(app: &App, raw_query: &str, body: Bytes) -> Response<HyperBytes> {
+async fn handle(
+    app: &App,
+    raw_query: &str,
+    body: Result<Bytes, BodyError>,
+) -> Response<HyperBytes> {
     let started = Instant::now();
-    let (status, answer, command) = process(app, raw_query, &body).await;
+    let (status, answer, command) = match body {
+        Ok(body) => process(app, raw_query, &body).await,
+        Err(error) => refuse_body(app, raw_query, error),
+    };
     let outcome = match status {
         200 => "ok",
         400 => "bad_request",
         401 => "unauthorized",
         403 => "forbidden",
+        413 => "too_large",
         503 => "unavailable",
         _ => "error",
     };
@@ -179,6 +191,32 @@ fn command_label(app: &App, command: &str, verified: bool) -> String {
     } else {
         "other".into()
     }
+}
+
+/// A callback whose body was too large or could not be read. Whether it came from Tencent is
+/// told by its query alone (all the signature covers): a verified one is an event Tencent sent
+/// and imrelay refused, worth a warning.
+fn refuse_body(app: &App, raw_query: &str, error: BodyError) -> (u16, Value, String) {
+    let query = Query::parse(raw_query);
+    let verified = verify::verify(&query, &app.config.tencent).is_ok();
+    let command = query.callback.command.as_deref().unwrap_or("");
+    let label = command_label(app, command, verified);
+    let (status, info) = match error {
+        BodyError::TooLarge => (
+            413,
+            format!(
+                "body larger than server.max_body_bytes ({} bytes)",
+                app.config.server.max_body_bytes
+            ),
+        ),
+        BodyError::Unreadable => (400, "body could not be read".to_string()),
+    };
+    if verified {
+        tracing::warn!(status, command, reason = %info, "callback refused");
+    } else {
+        tracing::info!(status, reason = %info, "unverified callback refused");
+    }
+    (status, answer::fail(status, &info), label)
 }
 
 async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, String) {
@@ -300,14 +338,10 @@ async fn queue(app: &App, event: &Event, evaluation: &Evaluation) -> Result<(), 
     }
 }
 
-/// Turns warp's own rejections (body too large, wrong method or path) into Tencent's shape.
+/// Turns warp's own rejections (wrong method or path) into Tencent's shape.
 pub async fn recover(rejection: Rejection) -> Result<Response<HyperBytes>, Infallible> {
     let (status, info) = if rejection.is_not_found() {
         (404, "not found".to_string())
-    } else if rejection.find::<TooLarge>().is_some() {
-        (413, "body too large".to_string())
-    } else if rejection.find::<BodyUnreadable>().is_some() {
-        (400, "body could not be read".to_string())
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         (405, "method not allowed".to_string())
     } else {

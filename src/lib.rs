@@ -54,7 +54,6 @@ pub async fn run(
         outbox.clone(),
         config.destinations.clone(),
         config.storage.clone(),
-        config.server.shutdown_grace,
     );
     let waiting = outbox.pending()?;
     if !waiting.is_empty() {
@@ -114,13 +113,15 @@ pub async fn run(
         shutdown.await;
     }
     tracing::info!("shutting down: no new callbacks; finishing in-flight work");
+    // One grace period for all of it: callbacks, then deliveries, in what the callbacks leave.
+    let deadline = tokio::time::Instant::now() + grace;
     let _ = stop_server.send(());
-    if tokio::time::timeout(grace, server).await.is_err() {
+    if tokio::time::timeout_at(deadline, server).await.is_err() {
         tracing::warn!("in-flight callbacks did not finish within the grace period");
     }
     let _ = stop_watch.send(());
     let _ = watcher.await;
-    dispatcher.shutdown().await;
+    dispatcher.shutdown(deadline).await;
     tracing::info!("stopped");
     Ok(())
 }

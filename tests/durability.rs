@@ -499,6 +499,37 @@ async fn sigterm_gives_up_on_a_hung_delivery_after_the_grace_and_resends_it() {
     assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
 }
 
+/// `shutdown_grace_ms` bounds the whole shutdown: a callback still arriving and a delivery
+/// still waiting for its answer share one grace period instead of getting one each.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_grace_period_bounds_the_whole_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let sink = Sink::start().await;
+    // Longer than the delivery timeout (2 s): the attempt would hold a shutdown that long.
+    sink.set_delay(Duration::from_secs(30));
+    let ws = forwarding_all_to(&sink.url("/in"), "[server]\nshutdown_grace_ms = 800");
+    let mut imrelay = ws.start();
+    post_messages(&imrelay, 0..1).await;
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    // A callback whose body never finishes arriving: in flight until the grace runs out.
+    let addr = imrelay.url("").trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /callback?SdkAppid=888888&CallbackCommand={MESSAGE} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 1000\r\n\r\n{{"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(imrelay.get("/healthz").await.0, 200);
+    // Each alone takes the grace (0.8 s); one after the other, as before, took 1.6 s.
+    stop_cleanly(&mut imrelay, Duration::from_millis(1300));
+    drop(slow);
+
+    sink.set_delay(Duration::ZERO);
+    let imrelay = ws.start();
+    all_delivered(&imrelay).await;
+    let (ids, _) = ids_and_seqs(&sink.all());
+    assert_eq!(ids.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retry_after_is_honoured() {
     let sink = Sink::start().await;

@@ -63,8 +63,8 @@ struct Inner {
     storage: StorageConfig,
     lanes: Mutex<HashMap<String, Lane>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    stop: watch::Sender<bool>,
-    grace: Duration,
+    /// Set when shutting down: until when in-flight attempts may finish.
+    stop: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 #[derive(Clone)]
@@ -79,7 +79,6 @@ impl Dispatcher {
         outbox: Outbox,
         destinations: BTreeMap<String, DestinationConfig>,
         storage: StorageConfig,
-        grace: Duration,
     ) -> Dispatcher {
         let client = reqwest::Client::builder()
             .user_agent(USER_AGENT)
@@ -99,8 +98,7 @@ impl Dispatcher {
                 storage,
                 lanes: Mutex::new(HashMap::new()),
                 tasks: Mutex::new(Vec::new()),
-                stop: watch::channel(false).0,
-                grace,
+                stop: watch::channel(None).0,
             }),
         }
     }
@@ -211,10 +209,10 @@ impl Dispatcher {
         Ok(lane)
     }
 
-    /// Stops starting attempts, lets in-flight ones finish within the grace period, and waits
-    /// for the outbox to commit their outcomes. What is left goes out after the next start.
-    pub async fn shutdown(&self) {
-        let _ = self.inner.stop.send(true);
+    /// Stops starting attempts, lets in-flight ones finish until `deadline`, and waits for the
+    /// outbox to commit their outcomes. What is left goes out after the next start.
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) {
+        let _ = self.inner.stop.send(Some(deadline));
         let tasks = std::mem::take(&mut *self.inner.tasks.lock().expect("tasks lock"));
         for t in tasks {
             let _ = t.await;
@@ -269,7 +267,7 @@ impl Worker {
     async fn run(
         mut self,
         mut jobs: mpsc::UnboundedReceiver<(Queued, Option<Outgoing>)>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: watch::Receiver<Option<tokio::time::Instant>>,
     ) {
         let mut heap: BinaryHeap<Due> = BinaryHeap::new();
         // Bodies for first attempts, by sequence number, and their total size.
@@ -321,7 +319,7 @@ impl Worker {
                 biased;
                 // `wait_for`, not `changed`: a lane started after shutdown began (by a callback
                 // still finishing) must stop too, though it never sees the change.
-                _ = stop.wait_for(|stopped| *stopped) => break,
+                _ = stop.wait_for(Option::is_some) => break,
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Ok((job, outcome, took)) = done {
                         if let Some(again) = self.finish(job, outcome, took) {
@@ -342,8 +340,8 @@ impl Worker {
                 _ = sleep, if wait_ms.is_some() => {}
             }
         }
-        // Shutting down: give in-flight attempts the grace period, then leave the rest on disk.
-        let deadline = tokio::time::Instant::now() + self.lane.inner.grace;
+        // Shutting down: in-flight attempts may finish until the deadline; the rest stays on disk.
+        let deadline = (*stop.borrow()).unwrap_or_else(tokio::time::Instant::now);
         while !in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, in_flight.join_next()).await {
                 Ok(Some(Ok((job, outcome, took)))) => {

@@ -17,7 +17,7 @@ static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// Every metric imrelay exports, with the help text `/metrics` shows for it. Labels: `command`
 /// and `outcome` on callbacks, `rule` on rule metrics, `destination` on delivery metrics.
 pub const METRICS_HELP: &[(&str, &str)] = &[
-    ("imrelay_callbacks_total", "Callbacks answered, by command and outcome (ok, bad_request, unauthorized, forbidden, unavailable, error)."),
+    ("imrelay_callbacks_total", "Callbacks answered, by command and outcome (ok, bad_request, unauthorized, forbidden, too_large, unavailable, error). A command is named once a callback naming it was accepted (up to 128 names); otherwise unverified, other, or invalid."),
     ("imrelay_callback_duration_seconds", "Time to answer a callback, from its body read to the answer."),
     ("imrelay_duplicates_total", "Callbacks Tencent delivered again, recognized by event id and not queued twice."),
     ("imrelay_rule_runs_total", "Rule runs on live events, by rule."),

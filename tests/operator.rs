@@ -241,10 +241,10 @@ async fn require_tests_refuses_a_reload_that_breaks_a_test() {
     assert_eq!(got[2].json()["v"], 2);
 }
 
-/// Every label value is a series kept until exit: callbacks refused before verification must
-/// not be able to add them, and verified command names are bounded too.
+/// Every label value is a series kept until exit: only accepted callbacks add command names,
+/// and only up to a limit.
 #[tokio::test(flavor = "multi_thread")]
-async fn command_labels_are_bounded_and_refusals_cannot_add_them() {
+async fn command_labels_come_from_accepted_callbacks_and_are_bounded() {
     let ws = Workspace::new(&config_with_sink("http://127.0.0.1:9/in", ""));
     let imrelay = ws.start();
     assert_eq!(imrelay.post(SEND, &message(1, json!({}))).await.0, 200);
@@ -261,7 +261,12 @@ async fn command_labels_are_bounded_and_refusals_cannot_add_them() {
         imrelay.post_query(&query, &message(3, json!({}))).await.0,
         403
     );
-    // Verified: 127 more names get their own label (128 with SEND), the last three `other`.
+    // Verified but refused: the name is not learnt either.
+    let refused = imrelay
+        .post("Group.CallbackNeverAccepted", b"{not json")
+        .await;
+    assert_eq!(refused.0, 400);
+    // Accepted: 127 more names get their own label (128 with SEND), the last three `other`.
     for i in 0..130 {
         let command = format!("Group.CallbackMadeUp{i}");
         let body = message(4 + i, json!({ "CallbackCommand": command }));
@@ -279,7 +284,12 @@ async fn command_labels_are_bounded_and_refusals_cannot_add_them() {
         Some(1.0)
     );
     assert_eq!(count(&["command=\"other\"", "outcome=\"ok\""]), Some(3.0));
+    assert_eq!(
+        count(&["command=\"other\"", "outcome=\"bad_request\""]),
+        Some(1.0)
+    );
     assert!(!metrics.contains("Made.Up"), "{metrics}");
+    assert!(!metrics.contains("NeverAccepted"), "{metrics}");
     let named: std::collections::HashSet<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("imrelay_callbacks_total{"))

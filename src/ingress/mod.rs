@@ -144,10 +144,11 @@ async fn handle(
     body: Result<Bytes, BodyError>,
 ) -> Response<HyperBytes> {
     let started = Instant::now();
-    let (status, answer, command) = match body {
+    let (status, answer, claimed) = match body {
         Ok(body) => process(app, raw_query, &body).await,
         Err(error) => refuse_body(app, raw_query, error),
     };
+    let command = command_label(app, &claimed, status == 200);
     let outcome = match status {
         200 => "ok",
         400 => "bad_request",
@@ -164,11 +165,21 @@ async fn handle(
     json_response(status, &answer)
 }
 
+/// The command a callback named, and whether its query passed verification.
+struct Claimed {
+    command: String,
+    verified: bool,
+}
+
 /// Bounds the `command` metric label, since every label value is a series kept until exit. A
-/// refused callback names its command before anything is verified: it keeps the name only if
-/// a verified callback brought it first, so that whoever can reach the port cannot add series.
-/// Verified names are kept up to [`COMMAND_LABELS`]; malformed ones are `invalid`.
-fn command_label(app: &App, command: &str, verified: bool) -> String {
+/// name becomes a label only when a callback naming it is accepted, up to [`COMMAND_LABELS`]:
+/// a refused callback, whose command nothing vouches for, keeps the name only if an accepted
+/// one brought it first; otherwise it is `unverified` (refused before its query verified) or
+/// `other`, as are accepted names beyond the limit. Malformed names are `invalid`. Without
+/// `tencent.token`, anyone who knows the SdkAppid can still get names accepted, which the
+/// limit bounds.
+fn command_label(app: &App, claimed: &Claimed, accepted: bool) -> String {
+    let command = claimed.command.as_str();
     let plausible = command.len() <= 64
         && command.contains('.')
         && command
@@ -183,24 +194,23 @@ fn command_label(app: &App, command: &str, verified: bool) -> String {
         .unwrap_or_else(PoisonError::into_inner);
     if known.contains(command) {
         command.to_string()
-    } else if !verified {
-        "unverified".into()
-    } else if known.len() < COMMAND_LABELS {
+    } else if accepted && known.len() < COMMAND_LABELS {
         known.insert(command.to_string());
         command.to_string()
-    } else {
+    } else if claimed.verified {
         "other".into()
+    } else {
+        "unverified".into()
     }
 }
 
 /// A callback whose body was too large or could not be read. Whether it came from Tencent is
-/// told by its query alone (all the signature covers): a verified one is an event Tencent sent
-/// and imrelay refused, worth a warning.
-fn refuse_body(app: &App, raw_query: &str, error: BodyError) -> (u16, Value, String) {
+/// told by its query alone, where the SdkAppid and the signature are: a verified one is an
+/// event Tencent sent and imrelay refused, worth a warning.
+fn refuse_body(app: &App, raw_query: &str, error: BodyError) -> (u16, Value, Claimed) {
     let query = Query::parse(raw_query);
     let verified = verify::verify(&query, &app.config.tencent).is_ok();
-    let command = query.callback.command.as_deref().unwrap_or("");
-    let label = command_label(app, command, verified);
+    let command = query.callback.command.unwrap_or_default();
     let (status, info) = match error {
         BodyError::TooLarge => (
             413,
@@ -216,13 +226,18 @@ fn refuse_body(app: &App, raw_query: &str, error: BodyError) -> (u16, Value, Str
     } else {
         tracing::info!(status, reason = %info, "unverified callback refused");
     }
-    (status, answer::fail(status, &info), label)
+    let claimed = Claimed { command, verified };
+    (status, answer::fail(status, &info), claimed)
 }
 
-async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, String) {
+async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, Claimed) {
     let query = Query::parse(raw_query);
+    let claimed = |command: Option<&str>, verified| Claimed {
+        command: command.unwrap_or_default().to_string(),
+        verified,
+    };
     if let Err(refusal) = verify::verify(&query, &app.config.tencent) {
-        let label = command_label(app, query.callback.command.as_deref().unwrap_or(""), false);
+        let label = claimed(query.callback.command.as_deref(), false);
         tracing::info!(status = refusal.status(), reason = %refusal, "callback refused");
         return (
             refusal.status(),
@@ -234,13 +249,12 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, String
         match Event::from_callback(&query.callback, body, &app.config.tencent.bot_accounts) {
             Ok(e) => e,
             Err(e) => {
-                let command = query.callback.command.as_deref().unwrap_or("");
-                let label = command_label(app, command, true);
+                let label = claimed(query.callback.command.as_deref(), true);
                 tracing::info!(reason = %e, "callback refused");
                 return (400, answer::fail(400, &e.to_string()), label);
             }
         };
-    let label = command_label(app, &event.command, true);
+    let label = claimed(Some(&event.command), true);
 
     let evaluation = if event.from_bot && app.config.rules.skip_bot_messages {
         Evaluation::default()

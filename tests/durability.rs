@@ -505,9 +505,13 @@ async fn sigterm_gives_up_on_a_hung_delivery_after_the_grace_and_resends_it() {
 async fn one_grace_period_bounds_the_whole_shutdown() {
     use tokio::io::AsyncWriteExt;
     let sink = Sink::start().await;
-    // Longer than the delivery timeout (2 s): the attempt would hold a shutdown that long.
-    sink.set_delay(Duration::from_secs(30));
-    let ws = forwarding_all_to(&sink.url("/in"), "[server]\nshutdown_grace_ms = 800");
+    // Answers after the delivery timeout (30 s), so the attempt holds on past any grace.
+    sink.set_delay(Duration::from_secs(60));
+    let ws = Workspace::new(&format!(
+        "[tencent]\nsdk_app_ids = [888888]\n\n[destinations.sink]\nurl = \"{}\"\ntimeout_ms = 30000\n\n[server]\nshutdown_grace_ms = 1500\n",
+        sink.url("/in")
+    ));
+    ws.rule("all.rhai", FORWARD_ALL);
     let mut imrelay = ws.start();
     post_messages(&imrelay, 0..1).await;
     sink.wait_for(1, Duration::from_secs(10)).await;
@@ -519,8 +523,8 @@ async fn one_grace_period_bounds_the_whole_shutdown() {
     );
     slow.write_all(head.as_bytes()).await.unwrap();
     assert_eq!(imrelay.get("/healthz").await.0, 200);
-    // Each alone takes the grace (0.8 s); one after the other, as before, took 1.6 s.
-    stop_cleanly(&mut imrelay, Duration::from_millis(1300));
+    // Each alone takes the grace (1.5 s); one after the other, as before, takes 3 s.
+    stop_cleanly(&mut imrelay, Duration::from_millis(2500));
     drop(slow);
 
     sink.set_delay(Duration::ZERO);

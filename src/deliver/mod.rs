@@ -212,7 +212,9 @@ impl Dispatcher {
     /// Stops starting attempts, lets in-flight ones finish until `deadline`, and waits for the
     /// outbox to commit their outcomes. What is left goes out after the next start.
     pub async fn shutdown(&self, deadline: tokio::time::Instant) {
-        let _ = self.inner.stop.send(Some(deadline));
+        // `send_replace`, which stores the deadline even while no lane exists: one that a
+        // finishing callback starts afterwards must see it and stop too.
+        self.inner.stop.send_replace(Some(deadline));
         let tasks = std::mem::take(&mut *self.inner.tasks.lock().expect("tasks lock"));
         for t in tasks {
             let _ = t.await;

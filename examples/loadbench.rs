@@ -477,9 +477,9 @@ struct Outcome {
     sink_check: Option<(u64, u64, Duration)>,
     /// With the outbox on: its commits during the fixed-rate phase.
     commits: Option<Tail>,
-    /// imrelay's own time per callback (from reading the request to the answer) during the
-    /// fixed-rate phase: what the load generator measures beyond it was spent outside the
-    /// handler (sockets, scheduling, the generator itself).
+    /// imrelay's own time per callback (from its body read to its answer made, not yet
+    /// written) during the fixed-rate phase: what the load generator measures beyond it was
+    /// spent outside the handler (sockets, scheduling, the generator itself).
     handled: Option<Tail>,
 }
 

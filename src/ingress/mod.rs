@@ -148,7 +148,7 @@ async fn handle(
         Ok(body) => process(app, raw_query, &body).await,
         Err(error) => refuse_body(app, raw_query, error),
     };
-    let command = command_label(app, &claimed, status == 200);
+    let command = command_label(app, claimed, status == 200);
     let outcome = match status {
         200 => "ok",
         400 => "bad_request",
@@ -178,7 +178,7 @@ struct Claimed {
 /// `other`, as are accepted names beyond the limit. Malformed names are `invalid`. Without
 /// `tencent.token`, anyone who knows the SdkAppid can still get names accepted, which the
 /// limit bounds.
-fn command_label(app: &App, claimed: &Claimed, accepted: bool) -> String {
+fn command_label(app: &App, claimed: Claimed, accepted: bool) -> String {
     let command = claimed.command.as_str();
     let plausible = command.len() <= 64
         && command.contains('.')
@@ -193,10 +193,10 @@ fn command_label(app: &App, claimed: &Claimed, accepted: bool) -> String {
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     if known.contains(command) {
-        command.to_string()
+        claimed.command
     } else if accepted && known.len() < COMMAND_LABELS {
-        known.insert(command.to_string());
-        command.to_string()
+        known.insert(claimed.command.clone());
+        claimed.command
     } else if claimed.verified {
         "other".into()
     } else {

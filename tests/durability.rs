@@ -526,6 +526,13 @@ async fn one_grace_period_bounds_the_whole_shutdown() {
     // Each alone takes the grace (1.5 s); one after the other, as before, takes 3 s.
     stop_cleanly(&mut imrelay, Duration::from_millis(2500));
     drop(slow);
+    // Both were still under way when their time ran out.
+    let logs = imrelay.logs();
+    assert!(
+        logs.contains("in-flight callbacks did not finish"),
+        "{logs}"
+    );
+    assert!(logs.contains("shutdown grace over"), "{logs}");
 
     sink.set_delay(Duration::ZERO);
     let imrelay = ws.start();

@@ -232,29 +232,29 @@ fn refuse_body(app: &App, raw_query: &str, error: BodyError) -> (u16, Value, Cla
 
 async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, Claimed) {
     let query = Query::parse(raw_query);
-    let claimed = |command: Option<&str>, verified| Claimed {
+    let claim = |command: Option<&str>, verified| Claimed {
         command: command.unwrap_or_default().to_string(),
         verified,
     };
     if let Err(refusal) = verify::verify(&query, &app.config.tencent) {
-        let label = claimed(query.callback.command.as_deref(), false);
+        let claimed = claim(query.callback.command.as_deref(), false);
         tracing::info!(status = refusal.status(), reason = %refusal, "callback refused");
         return (
             refusal.status(),
             answer::fail(refusal.status(), &refusal.to_string()),
-            label,
+            claimed,
         );
     }
     let mut event =
         match Event::from_callback(&query.callback, body, &app.config.tencent.bot_accounts) {
             Ok(e) => e,
             Err(e) => {
-                let label = claimed(query.callback.command.as_deref(), true);
+                let claimed = claim(query.callback.command.as_deref(), true);
                 tracing::info!(reason = %e, "callback refused");
-                return (400, answer::fail(400, &e.to_string()), label);
+                return (400, answer::fail(400, &e.to_string()), claimed);
             }
         };
-    let label = claimed(Some(&event.command), true);
+    let claimed = claim(Some(&event.command), true);
 
     let evaluation = if event.from_bot && app.config.rules.skip_bot_messages {
         Evaluation::default()
@@ -268,11 +268,11 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, Claime
     if !evaluation.forwards.is_empty() {
         if let Err(status_and_answer) = queue(app, &event, &evaluation).await {
             let (status, answer) = status_and_answer;
-            return (status, answer, label);
+            return (status, answer, claimed);
         }
     }
     log_accepted(app, &event, &evaluation);
-    (200, answer, label)
+    (200, answer, claimed)
 }
 
 /// One line per accepted callback. Redacted (the default), it names only the command and the

@@ -306,14 +306,11 @@ async fn a_destination_closing_every_connection_gets_each_delivery_at_the_first_
     all_delivered(&imrelay).await;
     let (_, metrics) = imrelay.get("/metrics").await;
     let count = |outcome: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("imrelay_deliveries_total{") && l.contains(outcome))
-            .and_then(|l| l.rsplit(' ').next())
-            .map(|v| v.parse::<f64>().unwrap())
+        let label = format!("outcome=\"{outcome}\"");
+        sample(&metrics, "imrelay_deliveries_total", &[&label])
     };
-    assert_eq!(count("\"delivered\""), Some(5.0), "{metrics}");
-    assert_eq!(count("\"retry\""), Some(0.0), "{metrics}");
+    assert_eq!(count("delivered"), Some(5.0), "{metrics}");
+    assert_eq!(count("retry"), Some(0.0), "{metrics}");
 }
 
 /// A destination's own `Host`, `User-Agent` or `Accept` header replaces imrelay's instead of

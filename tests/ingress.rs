@@ -209,12 +209,8 @@ async fn refusals_answer_in_tencents_shape_and_forward_nothing() {
             format!("command=\"{command}\""),
             format!("outcome=\"{outcome}\""),
         ];
-        metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("imrelay_callbacks_total{") && labels.iter().all(|x| l.contains(x))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        sample(&metrics, "imrelay_callbacks_total", &labels)
     };
     assert_eq!(count("other", "too_large"), Some(1.0), "{metrics}");
     assert_eq!(count("unverified", "too_large"), Some(1.0), "{metrics}");

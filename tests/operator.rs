@@ -50,19 +50,6 @@ fn moderation_workspace(config: &str) -> Workspace {
     ws
 }
 
-/// The value of the first sample of `name` whose labels include every `k="v"` in `labels`.
-fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            let series = l.rsplit_once(' ').map_or("", |(s, _)| s);
-            (series == name || series.starts_with(&format!("{name}{{")))
-                && labels.iter().all(|kv| series.contains(kv))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 async fn readyz(imrelay: &Imrelay) -> Value {
     let (status, body) = imrelay.get("/readyz").await;
     assert_eq!(status, 200, "{body}");

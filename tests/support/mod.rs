@@ -479,3 +479,16 @@ pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
 }
+
+/// The value of the first sample of `name` whose labels include every `k="v"` in `labels`.
+pub fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let series = l.rsplit_once(' ').map_or("", |(s, _)| s);
+            (series == name || series.starts_with(&format!("{name}{{")))
+                && labels.iter().all(|kv| series.contains(kv))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}

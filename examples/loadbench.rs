@@ -491,7 +491,7 @@ struct Tail {
     over_2_5_ms: u64,
     over_25_ms: u64,
     /// The upper bound of the lowest bucket holding 99 % of the observations, in ms: a bound on
-    /// the p99 (imrelay's buckets step 0.5, 1, 2.5, 5 ms).
+    /// the p99 (imrelay's buckets step 0.5, 1, 1.5, 2, 2.5, 5 ms).
     p99_under_ms: f64,
     /// The upper bound of the highest bucket anything fell in, in ms.
     longest_under_ms: f64,

@@ -481,6 +481,16 @@ async fn metrics_move_with_callbacks_rules_reloads_and_deliveries() {
     );
     expect("imrelay_queue_depth", &["destination=\"sink\""], 0.0);
     assert!(metrics.contains("# TYPE imrelay_callback_duration_seconds histogram"));
+    // The buckets split 1–2.5 ms, so the share answered within 2 ms is one bucket's count.
+    for le in ["0.001", "0.0015", "0.002", "0.0025"] {
+        let bound = format!("le=\"{le}\"");
+        let bucket = sample(
+            &metrics,
+            "imrelay_callback_duration_seconds_bucket",
+            &[&bound],
+        );
+        assert!(bucket.is_some(), "no {bound} bucket in:\n{metrics}");
+    }
     assert!(metrics.contains("# HELP imrelay_dead_letters_total "));
 
     // Readiness names the broken file where it broke, the rules in force, storage, destinations.

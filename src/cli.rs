@@ -76,7 +76,8 @@ pub fn dry_run(config: &Config, command: &str, payload: &Path) -> i32 {
         println!("{}", serde_json::to_string(report).unwrap_or_default());
     }
     let mut event = event;
-    let result = answer::settle(&mut event, &evaluation, config.rules.on_verdict_failure);
+    let result =
+        answer::settle(&mut event, &evaluation, config.rules.on_verdict_failure).into_value();
     let on_failure = match config.rules.on_verdict_failure {
         VerdictFailure::Allow => "allow",
         VerdictFailure::Reject => "reject",

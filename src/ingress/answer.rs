@@ -12,6 +12,28 @@ pub fn ok() -> Value {
     json!({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})
 }
 
+/// [`ok`], serialized. Every after-event gets this answer: writing it from a constant instead
+/// of building, serializing and dropping a JSON map per callback saves ~2,000–2,700 of a
+/// callback's ~92,000 instructions through HTTP (callgrind, 10 rules, nothing matching).
+pub const OK_BODY: &[u8] = br#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}"#;
+
+/// What a callback is answered with.
+#[derive(Debug)]
+pub enum Answer {
+    /// The plain [`ok`], written from [`OK_BODY`].
+    Ok,
+    Body(Value),
+}
+
+impl Answer {
+    pub fn into_value(self) -> Value {
+        match self {
+            Answer::Ok => ok(),
+            Answer::Body(v) => v,
+        }
+    }
+}
+
 /// A refusal in Tencent's shape; the HTTP status doubles as the error code.
 pub fn fail(status: u16, info: &str) -> Value {
     json!({"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": status})
@@ -20,10 +42,10 @@ pub fn fail(status: u16, info: &str) -> Value {
 /// The answer to a callback once its rules ran. For a before-event this settles the decision:
 /// an allowed message takes the rules' rewrites, and the event records its `verdict` (which
 /// forwards then carry).
-pub fn settle(event: &mut Event, evaluation: &Evaluation, on_failure: VerdictFailure) -> Value {
+pub fn settle(event: &mut Event, evaluation: &Evaluation, on_failure: VerdictFailure) -> Answer {
     let kind = CommandKind::of(&event.command);
     if kind == CommandKind::After {
-        return ok();
+        return Answer::Ok;
     }
     let action = decide(evaluation, on_failure, kind);
     if action == Action::Allow {
@@ -36,7 +58,7 @@ pub fn settle(event: &mut Event, evaluation: &Evaluation, on_failure: VerdictFai
     }
     let answer = verdict(event, kind, &action, evaluation);
     event.verdict = Some(crate::rules::action_json(&action));
-    answer
+    Answer::Body(answer)
 }
 
 /// The final decision on a before-event after failure handling.
@@ -113,4 +135,16 @@ fn friend_results(event: &Event, action: &Action, refused: &[String]) -> Value {
         })
         .collect();
     json!({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0, "ResultItem": items})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_constant_ok_body_is_the_ok_answer() {
+        let parsed: Value = serde_json::from_slice(OK_BODY).unwrap();
+        assert_eq!(parsed, ok());
+        assert_eq!(Answer::Ok.into_value(), ok());
+    }
 }

@@ -23,6 +23,7 @@ use crate::deliver::{format, Dispatcher};
 use crate::event::Event;
 use crate::outbox::{Enqueued, NewDelivery, Outbox};
 use crate::rules::{Evaluation, Rules};
+use answer::Answer;
 use verify::Query;
 
 /// Everything the callback path needs, shared by every request.
@@ -131,10 +132,14 @@ where
 /// A JSON answer with the given status.
 pub fn json_response(status: u16, body: &Value) -> Response<HyperBytes> {
     let bytes = serde_json::to_vec(body).expect("a JSON value always serializes");
+    json_bytes_response(status, HyperBytes::from(bytes))
+}
+
+fn json_bytes_response(status: u16, body: HyperBytes) -> Response<HyperBytes> {
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header("content-type", "application/json")
-        .body(HyperBytes::from(bytes))
+        .body(body)
         .expect("static response parts are valid")
 }
 
@@ -144,7 +149,7 @@ async fn handle(
     body: Result<Bytes, BodyError>,
 ) -> Response<HyperBytes> {
     let started = Instant::now();
-    let (status, answer, claimed) = match body {
+    let (status, reply, claimed) = match body {
         Ok(body) => process(app, raw_query, &body).await,
         Err(error) => refuse_body(app, raw_query, error),
     };
@@ -162,7 +167,10 @@ async fn handle(
         .increment(1);
     app.callback_duration
         .record(started.elapsed().as_secs_f64());
-    json_response(status, &answer)
+    match reply {
+        Answer::Ok => json_bytes_response(status, HyperBytes::from_static(answer::OK_BODY)),
+        Answer::Body(body) => json_response(status, &body),
+    }
 }
 
 /// The command a callback named, and whether its query passed verification.
@@ -207,7 +215,7 @@ fn command_label(app: &App, claimed: Claimed, accepted: bool) -> String {
 /// A callback whose body was too large or could not be read. Whether it came from Tencent is
 /// told by its query alone, where the SdkAppid and the signature are: a verified one is an
 /// event Tencent sent and imrelay refused, worth a warning.
-fn refuse_body(app: &App, raw_query: &str, error: BodyError) -> (u16, Value, Claimed) {
+fn refuse_body(app: &App, raw_query: &str, error: BodyError) -> (u16, Answer, Claimed) {
     let query = Query::parse(raw_query);
     let verified = verify::verify(&query, &app.config.tencent).is_ok();
     let command = query.callback.command.unwrap_or_default();
@@ -227,10 +235,10 @@ fn refuse_body(app: &App, raw_query: &str, error: BodyError) -> (u16, Value, Cla
         tracing::info!(status, reason = %info, "unverified callback refused");
     }
     let claimed = Claimed { command, verified };
-    (status, answer::fail(status, &info), claimed)
+    (status, Answer::Body(answer::fail(status, &info)), claimed)
 }
 
-async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, Claimed) {
+async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Answer, Claimed) {
     let query = Query::parse(raw_query);
     let claim = |command: Option<&str>, verified| Claimed {
         command: command.unwrap_or_default().to_string(),
@@ -241,7 +249,7 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, Claime
         tracing::info!(status = refusal.status(), reason = %refusal, "callback refused");
         return (
             refusal.status(),
-            answer::fail(refusal.status(), &refusal.to_string()),
+            Answer::Body(answer::fail(refusal.status(), &refusal.to_string())),
             claimed,
         );
     }
@@ -251,7 +259,11 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, Claime
             Err(e) => {
                 let claimed = claim(query.callback.command.as_deref(), true);
                 tracing::info!(reason = %e, "callback refused");
-                return (400, answer::fail(400, &e.to_string()), claimed);
+                return (
+                    400,
+                    Answer::Body(answer::fail(400, &e.to_string())),
+                    claimed,
+                );
             }
         };
     let claimed = claim(Some(&event.command), true);
@@ -268,7 +280,7 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Value, Claime
     if !evaluation.forwards.is_empty() {
         if let Err(status_and_answer) = queue(app, &event, &evaluation).await {
             let (status, answer) = status_and_answer;
-            return (status, answer, claimed);
+            return (status, Answer::Body(answer), claimed);
         }
     }
     log_accepted(app, &event, &evaluation);

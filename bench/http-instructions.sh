@@ -6,7 +6,8 @@
 #   bash bench/http-instructions.sh [IMRELAY_BINARY...]   (default: target/release/imrelay)
 #
 # Each binary runs twice under callgrind, once only started and stopped, once driven for
-# SECONDS (default 8); the difference over the callbacks answered is the figure. Under valgrind
+# SECONDS_DRIVEN seconds (default 8); the difference over the callbacks answered is the figure.
+# imrelay listens on 127.0.0.1:PORT (default 39980). Under valgrind
 # the CPU has no SHA extensions, so SHA-256 (the event id) runs in software: ~31,000 of the
 # ~90,000 instructions, against ~2 % of the time on the real CPU. Needs valgrind (installed from
 # Debian if missing); uses the benchmark's set-up folder, made by bench/load.sh if missing.
@@ -31,12 +32,23 @@ run() {
   valgrind --tool=callgrind --callgrind-out-file=/dev/null "$1" serve --config "$work/imrelay.toml" \
     > "$work/log" 2>&1 &
   local pid=$!
+  local ready=no
   for _ in $(seq 300); do
-    curl -sf "127.0.0.1:$port/readyz" >/dev/null && break
+    if curl -sf "127.0.0.1:$port/readyz" >/dev/null; then
+      ready=yes
+      break
+    fi
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.2
   done
+  if [ "$ready" != yes ]; then
+    kill -TERM "$pid" 2>/dev/null || true
+    echo "$1 did not get ready under valgrind (60 s at most); its log: $(tail -5 "$work/log")" >&2
+    return 1
+  fi
   if [ "$2" != 0 ]; then
-    target/release/examples/loadbench --drive "127.0.0.1:$port" --duration "$2" >/dev/null 2>&1
+    target/release/examples/loadbench --drive "127.0.0.1:$port" --duration "$2" >/dev/null 2>&1 \
+      || { kill -TERM "$pid"; echo "the load generator failed" >&2; return 1; }
   fi
   local n
   n=$(curl -s "127.0.0.1:$port/metrics" \
@@ -46,8 +58,14 @@ run() {
   echo "$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$work/log") $n"
 }
 
+number() { [[ "$1" =~ ^[0-9]+$ ]]; }
 for bin in "${@:-target/release/imrelay}"; do
+  # `run` is in a command substitution, where `set -e` does not reach: check what it printed.
   read -r idle _ <<< "$(run "$bin" 0)"
   read -r driven n <<< "$(run "$bin" "$seconds")"
+  if ! number "$idle" || ! number "$driven" || ! number "$n" || [ "$n" -eq 0 ]; then
+    echo "$bin: no figure (instructions idle '$idle', driven '$driven', callbacks '$n')" >&2
+    exit 1
+  fi
   printf '%s: %d instructions per callback (%d callbacks)\n' "$bin" $(( (driven - idle) / n )) "$n"
 done

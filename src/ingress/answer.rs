@@ -145,6 +145,8 @@ mod tests {
     fn the_constant_ok_body_is_the_ok_answer() {
         let parsed: Value = serde_json::from_slice(OK_BODY).unwrap();
         assert_eq!(parsed, ok());
+        // Byte for byte what serializing `ok()` gave before the constant.
+        assert_eq!(serde_json::to_vec(&ok()).unwrap(), OK_BODY);
         assert_eq!(Answer::Ok.into_value(), ok());
     }
 }

@@ -35,8 +35,8 @@ impl Answer {
 }
 
 /// A refusal in Tencent's shape; the HTTP status doubles as the error code.
-pub fn fail(status: u16, info: &str) -> Value {
-    json!({"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": status})
+pub fn fail(status: u16, info: &str) -> Answer {
+    Answer::Body(json!({"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": status}))
 }
 
 /// The answer to a callback once its rules ran. For a before-event this settles the decision:

@@ -167,6 +167,11 @@ async fn handle(
         .increment(1);
     app.callback_duration
         .record(started.elapsed().as_secs_f64());
+    respond(status, reply)
+}
+
+/// Tencent's answer as a response: the plain OK from its constant, any other serialized.
+fn respond(status: u16, reply: Answer) -> Response<HyperBytes> {
     match reply {
         Answer::Ok => json_bytes_response(status, HyperBytes::from_static(answer::OK_BODY)),
         Answer::Body(body) => json_response(status, &body),
@@ -235,7 +240,7 @@ fn refuse_body(app: &App, raw_query: &str, error: BodyError) -> (u16, Answer, Cl
         tracing::info!(status, reason = %info, "unverified callback refused");
     }
     let claimed = Claimed { command, verified };
-    (status, Answer::Body(answer::fail(status, &info)), claimed)
+    (status, answer::fail(status, &info), claimed)
 }
 
 async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Answer, Claimed) {
@@ -249,7 +254,7 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Answer, Claim
         tracing::info!(status = refusal.status(), reason = %refusal, "callback refused");
         return (
             refusal.status(),
-            Answer::Body(answer::fail(refusal.status(), &refusal.to_string())),
+            answer::fail(refusal.status(), &refusal.to_string()),
             claimed,
         );
     }
@@ -259,11 +264,7 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Answer, Claim
             Err(e) => {
                 let claimed = claim(query.callback.command.as_deref(), true);
                 tracing::info!(reason = %e, "callback refused");
-                return (
-                    400,
-                    Answer::Body(answer::fail(400, &e.to_string())),
-                    claimed,
-                );
+                return (400, answer::fail(400, &e.to_string()), claimed);
             }
         };
     let claimed = claim(Some(&event.command), true);
@@ -280,7 +281,7 @@ async fn process(app: &App, raw_query: &str, body: &[u8]) -> (u16, Answer, Claim
     if !evaluation.forwards.is_empty() {
         if let Err(status_and_answer) = queue(app, &event, &evaluation).await {
             let (status, answer) = status_and_answer;
-            return (status, Answer::Body(answer), claimed);
+            return (status, answer, claimed);
         }
     }
     log_accepted(app, &event, &evaluation);
@@ -316,7 +317,7 @@ fn log_accepted(app: &App, event: &Event, evaluation: &Evaluation) {
 }
 
 /// Renders and stores every forward of this event, then hands them to their lanes.
-async fn queue(app: &App, event: &Event, evaluation: &Evaluation) -> Result<(), (u16, Value)> {
+async fn queue(app: &App, event: &Event, evaluation: &Evaluation) -> Result<(), (u16, Answer)> {
     let unavailable = |info: String| (503, answer::fail(503, &info));
     let mut event_json: Option<Vec<u8>> = None;
     let mut deliveries = Vec::with_capacity(evaluation.forwards.len());
@@ -373,5 +374,5 @@ pub async fn recover(rejection: Rejection) -> Result<Response<HyperBytes>, Infal
     } else {
         (400, format!("{rejection:?}"))
     };
-    Ok(json_response(status, &answer::fail(status, &info)))
+    Ok(respond(status, answer::fail(status, &info)))
 }

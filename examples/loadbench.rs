@@ -550,6 +550,14 @@ impl Tail {
             longest_under_ms,
         })
     }
+
+    /// One line's worth: the p99 bound, the slow ones, the longest.
+    fn summary(&self) -> String {
+        format!(
+            "p99 ≤ {} ms, {} of {} over 2.5 ms, {} over 25 ms, the longest ≤ {} ms",
+            self.p99_under_ms, self.over_2_5_ms, self.count, self.over_25_ms, self.longest_under_ms
+        )
+    }
 }
 
 fn imrelay_config(dir: &Path, addr: SocketAddr, sink: SocketAddr) -> String {
@@ -697,10 +705,7 @@ async fn run_scenario(opts: &Options, work: &Path, s: &Scenario) -> Outcome {
         ("callbacks handled", &handled),
     ] {
         if let Some(t) = tail {
-            eprintln!(
-                "  fixed rate: {} {what}, p99 ≤ {} ms, {} over 2.5 ms, {} over 25 ms, the longest ≤ {} ms",
-                t.count, t.p99_under_ms, t.over_2_5_ms, t.over_25_ms, t.longest_under_ms
-            );
+            eprintln!("  fixed rate, {what}: {}", t.summary());
         }
     }
 
@@ -991,16 +996,10 @@ fn print_report(opts: &Options, outcomes: &[Outcome], ready: &[Duration]) {
         let p = o.fixed.ms(0.99);
         let mut why = Vec::new();
         if let Some(c) = &o.commits {
-            why.push(format!(
-                "{} of {} outbox commits took over 2.5 ms, {} over 25 ms, the longest ≤ {} ms",
-                c.over_2_5_ms, c.count, c.over_25_ms, c.longest_under_ms
-            ));
+            why.push(format!("outbox commits: {}", c.summary()));
         }
         if let Some(h) = &o.handled {
-            why.push(format!(
-                "imrelay's own time per callback: p99 ≤ {} ms, {} of {} over 2.5 ms, the longest ≤ {} ms",
-                h.p99_under_ms, h.over_2_5_ms, h.count, h.longest_under_ms
-            ));
+            why.push(format!("imrelay's own time per callback: {}", h.summary()));
         }
         let stalls = if why.is_empty() {
             String::new()

@@ -204,18 +204,29 @@ async fn refusals_answer_in_tencents_shape_and_forward_nothing() {
     // Refusals are counted, the too-large ones too. No callback naming these commands has been
     // accepted yet, so none is a label: verified ones count as `other`, the rest `unverified`.
     let (_, metrics) = imrelay.get("/metrics").await;
-    let count = |command: &str, outcome: &str| {
-        let labels = [
-            format!("command=\"{command}\""),
-            format!("outcome=\"{outcome}\""),
-        ];
-        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-        sample(&metrics, "imrelay_callbacks_total", &labels)
-    };
-    assert_eq!(count("other", "too_large"), Some(1.0), "{metrics}");
-    assert_eq!(count("unverified", "too_large"), Some(1.0), "{metrics}");
-    assert_eq!(count("other", "bad_request"), Some(3.0), "{metrics}");
-    assert_eq!(count("unverified", "forbidden"), Some(2.0), "{metrics}");
+    let count = |labels: &[&str]| sample(&metrics, "imrelay_callbacks_total", labels);
+    let other = "command=\"other\"";
+    let unverified = "command=\"unverified\"";
+    assert_eq!(
+        count(&[other, "outcome=\"too_large\""]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        count(&[unverified, "outcome=\"too_large\""]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        count(&[other, "outcome=\"bad_request\""]),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        count(&[unverified, "outcome=\"forbidden\""]),
+        Some(2.0),
+        "{metrics}"
+    );
     assert!(!metrics.contains("CallbackAfterSendMsg"), "{metrics}");
     assert!(!metrics.contains("Made.Up"), "{metrics}");
 

@@ -204,29 +204,20 @@ async fn refusals_answer_in_tencents_shape_and_forward_nothing() {
     // Refusals are counted, the too-large ones too. No callback naming these commands has been
     // accepted yet, so none is a label: verified ones count as `other`, the rest `unverified`.
     let (_, metrics) = imrelay.get("/metrics").await;
-    let count = |labels: &[&str]| sample(&metrics, "imrelay_callbacks_total", labels);
-    let other = "command=\"other\"";
-    let unverified = "command=\"unverified\"";
-    assert_eq!(
-        count(&[other, "outcome=\"too_large\""]),
-        Some(1.0),
-        "{metrics}"
-    );
-    assert_eq!(
-        count(&[unverified, "outcome=\"too_large\""]),
-        Some(1.0),
-        "{metrics}"
-    );
-    assert_eq!(
-        count(&[other, "outcome=\"bad_request\""]),
-        Some(3.0),
-        "{metrics}"
-    );
-    assert_eq!(
-        count(&[unverified, "outcome=\"forbidden\""]),
-        Some(2.0),
-        "{metrics}"
-    );
+    let counted = [
+        ("other", "too_large", 1.0),
+        ("unverified", "too_large", 1.0),
+        ("other", "bad_request", 3.0),
+        ("unverified", "forbidden", 2.0),
+    ];
+    for (command, outcome, want) in counted {
+        let (command, outcome) = (
+            format!("command=\"{command}\""),
+            format!("outcome=\"{outcome}\""),
+        );
+        let got = sample(&metrics, "imrelay_callbacks_total", &[&command, &outcome]);
+        assert_eq!(got, Some(want), "{command} {outcome}: {metrics}");
+    }
     assert!(!metrics.contains("CallbackAfterSendMsg"), "{metrics}");
     assert!(!metrics.contains("Made.Up"), "{metrics}");
 
